@@ -1,0 +1,25 @@
+"""Faiss, and only Faiss: index specs, CPU/GPU placement, streaming training, head fan-out.
+
+Knows nothing of attention, heads or models. Every public call validates its input first, since a
+Faiss assertion aborts the process instead of raising.
+"""
+
+from indexes.gpu import MAX_GPU_K, MAX_GPU_NPROBE, faiss_has_gpu, parse_device
+from indexes.spec import IndexSpec, parse_spec
+from indexes.streaming import StreamingIndex, check_k
+from indexes.threads import default_threads, faiss_threads, fan_out, set_faiss_threads
+
+__all__ = [
+    "MAX_GPU_K",
+    "MAX_GPU_NPROBE",
+    "IndexSpec",
+    "StreamingIndex",
+    "check_k",
+    "default_threads",
+    "faiss_has_gpu",
+    "faiss_threads",
+    "fan_out",
+    "parse_device",
+    "parse_spec",
+    "set_faiss_threads",
+]

@@ -1,0 +1,130 @@
+"""Memory attention: the one softmax over [local keys ; memory entries].
+
+This is the only softmax of the project. Every attention layer of the model calls it; memory layers
+pass their :class:`~knn_memory.backend.MemoryBackend`, the others pass none.
+
+Numerics follow upstream LongLLaMA exactly:
+
+* local scores ``q·k / sqrt(d)`` plus the additive causal/padding mask, memory scores ``q·k_mem / sqrt(d)``
+  (``-inf`` for padding or empty slots), both in the activation dtype;
+* each block clamped from below at ``max(finfo(dtype).min, -1e6)`` before concatenation;
+* one softmax in float32 over the concatenation, cast back to the activation dtype, times
+  ``[V_local ; V_mem]``.
+
+For top-k hits the memory block holds the k retrieved entries of each query instead of all of them;
+that is the only difference between dense and kNN memory attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from knn_memory.backend import MemoryBackend
+
+CLAMP = -1e6
+
+
+def _check(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> None:
+    for name, t in (("query", query), ("local_keys", keys), ("local_values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [B, H, n, d], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, n, d], got shape {list(t.shape)}")
+    B, H, q, d = query.shape
+    if keys.shape[:2] != (B, H) or keys.shape[3] != d or keys.shape != values.shape:
+        raise ValueError(
+            f"local_keys {list(keys.shape)} and local_values {list(values.shape)} must be [B={B}, H={H}, n, d={d}]"
+        )
+    if keys.dtype != query.dtype or values.dtype != query.dtype:
+        raise TypeError(
+            f"query, local_keys, local_values must share a dtype, got {query.dtype}, {keys.dtype}, {values.dtype}"
+        )
+    if mask is not None:
+        n = keys.shape[2]
+        if (
+            mask.dim() != 4
+            or mask.shape[0] not in (1, B)
+            or mask.shape[1] not in (1, H)
+            or mask.shape[2:] != (q, n)
+        ):
+            raise ValueError(f"local_mask must be [B={B}, 1 or H, q={q}, n={n}], got {list(mask.shape)}")
+
+
+def _check_grouping(grouping: tuple[int, int] | None, H: int, q: int) -> tuple[int, int]:
+    if grouping is None:
+        return H, max(q, 1)
+    if (
+        not isinstance(grouping, (tuple, list))
+        or len(grouping) != 2
+        or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grouping)
+    ):
+        raise ValueError(f"grouping must be a pair of positive ints (heads, queries), got {grouping!r}")
+    return int(grouping[0]), int(grouping[1])
+
+
+def memory_attention(
+    query: torch.Tensor,
+    local_keys: torch.Tensor,
+    local_values: torch.Tensor,
+    local_mask: torch.Tensor | None = None,
+    memory: MemoryBackend | None = None,
+    *,
+    grouping: tuple[int, int] | None = None,
+    use_sdpa: bool = False,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` over its local keys and, if given, a memory.
+
+    Args:
+        query: [B, H, q, d], rotated by local position when positional encodings are on.
+        local_keys: [B, H, n, d] (rotated likewise).
+        local_values: [B, H, n, d].
+        local_mask: additive float mask [B, 1 or H, q, n] (0 = visible, ``finfo.min`` = masked), or None.
+        memory: the layer's memory backend; None or empty means local attention only.
+        grouping: ``(h, q)``: compute in blocks of at most h heads x q queries (upstream's
+            ``mem_attention_grouping``); bounds the scores held at once to ``B*h*q*(n+M)``.
+        use_sdpa: use ``F.scaled_dot_product_attention`` when there is no memory (upstream's
+            ``torch_attention``); with a memory the explicit path runs (equal to 1e-5 on valid rows).
+        top_k: entries per query for a top-k backend (default: the backend's ``top_k``).
+
+    Returns:
+        [B, H, q, d] in ``query.dtype``.
+    """
+    _check(query, local_keys, local_values, local_mask)
+    _, H, q, d = query.shape
+    use_memory = memory is not None and not memory.is_empty
+    if use_sdpa and not use_memory:
+        return F.scaled_dot_product_attention(query, local_keys, local_values, attn_mask=local_mask)
+    gh, gq = _check_grouping(grouping, H, q)
+    dtype = query.dtype
+    floor = max(torch.finfo(dtype).min, CLAMP)
+    inv_scale = math.sqrt(d)
+    n = local_keys.shape[2]
+    out_h = []
+    for h0 in range(0, H, gh):
+        hs = slice(h0, min(h0 + gh, H))
+        out_q = []
+        for q0 in range(0, q, gq):
+            qs = slice(q0, min(q0 + gq, q))
+            qg = query[:, hs, qs]
+            scores = torch.matmul(qg, local_keys[:, hs].transpose(-1, -2)) / inv_scale
+            if local_mask is not None:
+                m = local_mask[:, :, qs] if local_mask.shape[1] == 1 else local_mask[:, hs, qs]
+                scores = scores + m
+            scores = torch.clamp_min(scores, floor)
+            if use_memory:
+                hits = memory.search(qg, k=top_k, heads=hs)
+                mem_scores = torch.clamp_min(hits.scores.to(dtype) / inv_scale, floor)
+                probs = F.softmax(torch.cat([scores, mem_scores], dim=-1), dim=-1, dtype=torch.float32).to(
+                    dtype
+                )
+                out = torch.matmul(probs[..., :n], local_values[:, hs]) + hits.weighted_values(probs[..., n:])
+            else:
+                probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+                out = torch.matmul(probs, local_values[:, hs])
+            out_q.append(out)
+        out_h.append(out_q[0] if len(out_q) == 1 else torch.cat(out_q, dim=-2))
+    return out_h[0] if len(out_h) == 1 else torch.cat(out_h, dim=1)

@@ -1,0 +1,242 @@
+"""`MemoryBackend`: the interface every memory implementation follows, and its input checks.
+
+A backend is the memory of one memory layer: per batch row and head, a growing set of
+(key, value) entries. Keys arrive un-rotated (LongLLaMA treats memory keys as position 0) and are
+rounded to ``mem_dtype`` before they are stored or indexed, so that every backend sees exactly the
+same keys. Searches take the rotated queries and return :class:`~knn_memory.hits.MemoryHits`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import torch
+
+from indexes import check_k, parse_device
+from knn_memory.hits import MemoryHits
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(mem_dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"``/``"float16"``/``"float32"`` (or the torch dtype) -> torch dtype."""
+    if isinstance(mem_dtype, torch.dtype) and mem_dtype in _DTYPES.values():
+        return mem_dtype
+    if isinstance(mem_dtype, str) and mem_dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[mem_dtype.removeprefix("torch.")]
+    raise ValueError(f"mem_dtype must be one of {list(_DTYPES)}, got {mem_dtype!r}")
+
+
+def _positive_int(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class MemoryBackend(abc.ABC):
+    """Memory of one memory layer: one store per (batch row, head).
+
+    Args:
+        num_heads: H.
+        head_dim: d.
+        batch_size: B, the number of independent sequences.
+        mem_dtype: storage dtype of keys and values (keys are rounded to it before indexing).
+        device: where the memory lives.
+        top_k: entries returned per query (``None``: backend default).
+    """
+
+    #: registry name, set by :func:`knn_memory.registry.register_backend`
+    name: str = ""
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        batch_size: int = 1,
+        mem_dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device = "cpu",
+        top_k: int | None = None,
+    ) -> None:
+        self.num_heads = _positive_int(num_heads, "num_heads")
+        self.head_dim = _positive_int(head_dim, "head_dim")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.mem_dtype = resolve_dtype(mem_dtype)
+        self.device = parse_device(device)
+        self.top_k = None if top_k is None else check_k(top_k)
+
+    # ------------------------------------------------------------------ interface
+    @abc.abstractmethod
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Append entries.
+
+        Args:
+            keys: [B, H, n, d] un-rotated keys, any float dtype.
+            values: [B, H, n, d], same dtype as ``keys``.
+            mask: [B, n] bool, True for real tokens (padding entries are never retrieved), or None.
+        """
+
+    @abc.abstractmethod
+    def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None) -> MemoryHits:
+        """Entries for each query.
+
+        Args:
+            queries: [B, h, q, d] (rotated) queries for the heads selected by ``heads``.
+            k: entries per query (default ``top_k``); ignored by a dense backend.
+            heads: the slice of heads the queries belong to (default: all H).
+        """
+
+    @abc.abstractmethod
+    def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
+        """Forget every entry of the given batch rows (all rows when None)."""
+
+    @abc.abstractmethod
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` [B'] in that order (rows may repeat; beam search). B becomes B'."""
+
+    @property
+    @abc.abstractmethod
+    def lengths(self) -> torch.Tensor:
+        """[B] int64: real (non-padding) entries stored per row."""
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes held by keys, values and index structures."""
+
+    @abc.abstractmethod
+    def state(self) -> dict:
+        """Everything :meth:`from_state` needs (tensors and plain values only)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_state(cls, state: dict, device: str | torch.device | None = None) -> MemoryBackend:
+        """Rebuild a backend saved by :meth:`state`."""
+
+    # ------------------------------------------------------------------ shared behaviour
+    def __len__(self) -> int:
+        """Most real entries stored in any row."""
+        lengths = self.lengths
+        return int(lengths.max()) if lengths.numel() else 0
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no row holds an entry."""
+        return len(self) == 0
+
+    def save(self, path: str) -> None:
+        """Write this memory to directory ``path`` (atomically; see :mod:`knn_memory.persistence`)."""
+        from knn_memory.persistence import save_backend
+
+        save_backend(self, path)
+
+    def config(self) -> dict:
+        """Constructor arguments shared by every backend."""
+        return {
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "batch_size": self.batch_size,
+            "mem_dtype": str(self.mem_dtype).removeprefix("torch."),
+            "top_k": self.top_k,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, B={self.batch_size}, H={self.num_heads}, "
+            f"d={self.head_dim}, entries={len(self)}, mem_dtype={self.mem_dtype}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ input checks
+    def _check_add(
+        self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        for name, t in (("keys", keys), ("values", values)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor [B, H, n, d], got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be floating point, got dtype {t.dtype}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must be 4-D [B, H, n, d], got shape {list(t.shape)}")
+            want = (self.batch_size, self.num_heads, t.shape[2], self.head_dim)
+            if tuple(t.shape) != want:
+                raise ValueError(
+                    f"{name} must have shape [B={self.batch_size}, H={self.num_heads}, n, d={self.head_dim}], "
+                    f"got {list(t.shape)}"
+                )
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, but this memory lives on {self.device}")
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or inf")
+        if keys.shape != values.shape:
+            raise ValueError(
+                f"keys {list(keys.shape)} and values {list(values.shape)} must have the same shape"
+            )
+        if keys.dtype != values.dtype:
+            raise TypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must have the same dtype")
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a bool torch.Tensor [B, n], got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must have dtype torch.bool (True = real token), got {mask.dtype}")
+        if tuple(mask.shape) != (self.batch_size, keys.shape[2]):
+            raise ValueError(
+                f"mask must have shape [B={self.batch_size}, n={keys.shape[2]}], got {list(mask.shape)}"
+            )
+        return mask.to(self.device)
+
+    def _check_search(self, queries: torch.Tensor, k: int | None, heads: slice | None) -> tuple[int, slice]:
+        if not isinstance(queries, torch.Tensor):
+            raise TypeError(f"queries must be a torch.Tensor [B, h, q, d], got {type(queries).__name__}")
+        if not queries.is_floating_point():
+            raise TypeError(f"queries must be floating point, got dtype {queries.dtype}")
+        if queries.dim() != 4:
+            raise ValueError(f"queries must be 4-D [B, h, q, d], got shape {list(queries.shape)}")
+        if heads is None:
+            heads = slice(0, self.num_heads)
+        if not isinstance(heads, slice) or heads.step not in (None, 1):
+            raise TypeError(f"heads must be a contiguous slice of head indices, got {heads!r}")
+        start, stop, _ = heads.indices(self.num_heads)
+        n_heads = max(stop - start, 0)
+        want = (self.batch_size, n_heads, queries.shape[2], self.head_dim)
+        if tuple(queries.shape) != want:
+            raise ValueError(
+                f"queries must have shape [B={self.batch_size}, h={n_heads}, q, d={self.head_dim}] "
+                f"for heads {start}:{stop}, got {list(queries.shape)}"
+            )
+        if queries.device != self.device:
+            raise ValueError(f"queries are on {queries.device}, but this memory lives on {self.device}")
+        if queries.numel() and not bool(torch.isfinite(queries).all()):
+            raise ValueError("queries contain NaN or inf")
+        k = self.top_k if k is None else k
+        if k is not None:
+            k = check_k(k)
+        return k, slice(start, stop)
+
+    def _check_rows(self, rows: Sequence[int] | torch.Tensor | None) -> list[int]:
+        if rows is None:
+            return list(range(self.batch_size))
+        if isinstance(rows, torch.Tensor):
+            if rows.dtype == torch.bool or rows.is_floating_point():
+                raise TypeError(f"rows must hold integer row indices, got dtype {rows.dtype}")
+            rows = rows.flatten().tolist()
+        out = []
+        for r in rows:
+            if not isinstance(r, int) or isinstance(r, bool):
+                raise TypeError(f"rows must be ints, got {type(r).__name__} {r!r}")
+            if not -self.batch_size <= r < self.batch_size:
+                raise ValueError(f"row {r} out of range for batch_size={self.batch_size}")
+            out.append(r % self.batch_size)
+        return out
+
+    def _check_reorder(self, index: torch.Tensor) -> torch.Tensor:
+        if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"index must be an int64 torch.Tensor of row indices, got {index!r}")
+        if index.dim() != 1 or index.numel() == 0:
+            raise ValueError(f"index must be 1-D and non-empty, got shape {list(index.shape)}")
+        if bool((index < 0).any()) or bool((index >= self.batch_size).any()):
+            raise ValueError(f"index values must lie in [0, {self.batch_size}), got {index.tolist()}")
+        return index.to(torch.int64).cpu()

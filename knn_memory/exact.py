@@ -1,0 +1,176 @@
+"""The ``"exact"`` backend: dense attention over every memory entry, as upstream LongLLaMA does.
+
+It is the reference the approximate backends are measured against. Keys and values are stored in
+``mem_dtype`` (bf16 by default, as upstream) in chunked storage; scores are computed in the query's
+dtype exactly as upstream's ``matmul(q, k_mem^T)``. With ``top_k`` set it returns the exact top-k
+entries instead (torch ``topk``), a reference for any top-k backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from knn_memory.backend import MemoryBackend
+from knn_memory.hits import MemoryHits
+from knn_memory.registry import register_backend
+from knn_memory.storage import ChunkedTensor, gather_values
+
+DEFAULT_CHUNK = 4096
+
+
+@register_backend("exact")
+class ExactBackend(MemoryBackend):
+    """Dense memory: every query scores every entry of its row and head.
+
+    Rows stay aligned (every add appends ``n`` entries to every row); padding entries are stored but
+    flagged, and get a ``-inf`` score, which is what upstream's additive ``finfo.min`` mask becomes
+    after its ``-1e6`` clamp and the softmax.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        batch_size: int = 1,
+        mem_dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device = "cpu",
+        top_k: int | None = None,
+        index: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        super().__init__(
+            num_heads=num_heads,
+            head_dim=head_dim,
+            batch_size=batch_size,
+            mem_dtype=mem_dtype,
+            device=device,
+            top_k=top_k,
+        )
+        if index is not None:
+            raise ValueError(f"index={index!r}: the 'exact' backend is dense and takes no Faiss index")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self._new_storage()
+
+    def _new_storage(self) -> None:
+        lead = (self.batch_size, self.num_heads)
+        self._keys = ChunkedTensor(lead, self.head_dim, self.mem_dtype, self.device, self.chunk_size)
+        self._values = ChunkedTensor(lead, self.head_dim, self.mem_dtype, self.device, self.chunk_size)
+        self._valid = ChunkedTensor((self.batch_size,), 1, torch.bool, self.device, self.chunk_size)
+
+    # ------------------------------------------------------------------ MemoryBackend
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        mask = self._check_add(keys, values, mask)
+        n = keys.shape[2]
+        if mask is None:
+            mask = torch.ones(self.batch_size, n, dtype=torch.bool, device=self.device)
+        self._keys.append(keys)
+        self._values.append(values)
+        self._valid.append(mask.unsqueeze(-1))
+
+    @property
+    def entries(self) -> int:
+        """Entries per row, padding included (rows are aligned)."""
+        return self._keys.length
+
+    def valid_mask(self) -> torch.Tensor:
+        """[B, M] bool: True for real entries."""
+        return self._valid.full().squeeze(-1)
+
+    def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None) -> MemoryHits:
+        k, heads = self._check_search(queries, k, heads)
+        B, h, q, _ = queries.shape
+        M = self.entries
+        valid = self.valid_mask()  # [B, M]
+        key_views = [v[:, heads] for v in self._keys.views()]
+        value_views = [v[:, heads] for v in self._values.views()]
+        if len(key_views) <= 1 or (torch.is_grad_enabled() and queries.requires_grad):
+            parts = [torch.matmul(queries, kv.to(queries.dtype).transpose(-1, -2)) for kv in key_views]
+            scores = torch.cat(parts, dim=-1).float() if parts else queries.new_zeros(B, h, q, 0).float()
+        else:
+            scores = torch.empty(B, h, q, M, dtype=torch.float32, device=self.device)
+            start = 0
+            for kv in key_views:
+                stop = start + kv.shape[-2]
+                scores[..., start:stop] = torch.matmul(queries, kv.to(queries.dtype).transpose(-1, -2))
+                start = stop
+        pad = ~valid[:, None, None, :]
+        scores = scores.masked_fill(pad, float("-inf"))
+        # ids count real entries only (the i-th real entry of a row has id i), as in every backend
+        entry_ids = torch.where(valid, valid.cumsum(dim=-1) - 1, -1)  # [B, M]
+        if k is None:
+            ids = entry_ids[:, None, None, :].expand(B, h, q, M)
+            return MemoryHits(scores=scores, ids=ids, value_chunks=tuple(value_views))
+        kk = min(k, M)
+        top_scores, pos = torch.topk(scores, kk, dim=-1)
+        pos = torch.where(torch.isfinite(top_scores), pos, -1)
+        if kk < k:
+            top_scores = torch.nn.functional.pad(top_scores, (0, k - kk), value=float("-inf"))
+            pos = torch.nn.functional.pad(pos, (0, k - kk), value=-1)
+        values = torch.stack(
+            [
+                gather_values([v[b] for v in value_views], pos[b], self.head_dim, self.mem_dtype)
+                for b in range(B)
+            ]
+        )
+        ids = torch.where(
+            pos >= 0, torch.gather(entry_ids[:, None, None, :].expand(B, h, q, M), -1, pos.clamp_min(0)), -1
+        )
+        return MemoryHits(scores=top_scores, ids=ids, values=values)
+
+    def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
+        if rows is None:
+            self._new_storage()
+            return
+        for r in self._check_rows(rows):
+            for chunk in self._valid.chunks:
+                chunk[r] = False
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = self._check_reorder(index)
+        for store in (self._keys, self._values, self._valid):
+            store.index_select_lead(index)
+        self.batch_size = len(index)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.valid_mask().sum(dim=-1).to(torch.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return self._keys.nbytes + self._values.nbytes + self._valid.nbytes
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All stored entries: keys [B, H, M, d], values [B, H, M, d] (mem_dtype), valid [B, M] bool."""
+        return self._keys.full(), self._values.full(), self.valid_mask()
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict:
+        keys, values, valid = self.keys_values()
+        return {
+            "config": {**self.config(), "chunk_size": self.chunk_size},
+            "keys": keys.detach().cpu(),
+            "values": values.detach().cpu(),
+            "valid": valid.cpu(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, device: str | torch.device | None = None) -> ExactBackend:
+        cfg = dict(state["config"])
+        new = cls(**cfg, device=device or "cpu")
+        keys, values, valid = state["keys"], state["values"], state["valid"]
+        want = (new.batch_size, new.num_heads, keys.shape[2], new.head_dim)
+        for name, t in (("keys", keys), ("values", values)):
+            if tuple(t.shape) != want:
+                raise ValueError(f"saved {name} have shape {list(t.shape)}, expected {list(want)}")
+        if tuple(valid.shape) != (new.batch_size, keys.shape[2]) or valid.dtype != torch.bool:
+            raise ValueError(f"saved valid mask has shape {list(valid.shape)} / {valid.dtype}")
+        if keys.shape[2]:
+            new._keys.append(keys.to(new.device, new.mem_dtype))
+            new._values.append(values.to(new.device, new.mem_dtype))
+            new._valid.append(valid.to(new.device).unsqueeze(-1))
+        return new

@@ -1,0 +1,202 @@
+"""The ``"faiss"`` backend: top-k memory entries per query through one Faiss index per (row, head).
+
+Keys are rounded to ``mem_dtype`` and then held in float32 by the index layer (``indexes/``), so a
+``"Flat"`` index with k >= memory size reproduces the exact backend. Padding entries are never
+inserted. Searches fan out over (row, head) on a thread pool; Faiss runs one OpenMP thread per
+worker. Values stay in ``mem_dtype`` in chunked per-row storage and only the k retrieved ones are
+gathered per query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from indexes import StreamingIndex, fan_out, parse_spec
+from knn_memory.backend import MemoryBackend
+from knn_memory.hits import MemoryHits
+from knn_memory.registry import register_backend
+from knn_memory.storage import ChunkedTensor, gather_values
+
+DEFAULT_TOP_K = 128
+VALUE_CHUNK = 4096
+
+
+@register_backend("faiss")
+class FaissBackend(MemoryBackend):
+    """Top-k memory through Faiss.
+
+    Args (beyond :class:`MemoryBackend`'s):
+        index: Faiss ``index_factory`` string, inner product (default ``"Flat"``: exact top-k).
+        nprobe, efSearch: search-time knobs where the index has them.
+        min_train_points, retrain_factor, train_sample: the streaming training policy
+            (see :mod:`indexes.streaming`).
+        workers: threads for the (row, head) fan-out (default: all cores).
+        seed: RNG seed of training samples.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        batch_size: int = 1,
+        mem_dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device = "cpu",
+        top_k: int | None = None,
+        index: str | None = None,
+        nprobe: int | None = None,
+        efSearch: int | None = None,
+        min_train_points: int | None = None,
+        retrain_factor: float | None = 4.0,
+        train_sample: int | None = None,
+        workers: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            num_heads=num_heads,
+            head_dim=head_dim,
+            batch_size=batch_size,
+            mem_dtype=mem_dtype,
+            device=device,
+            top_k=DEFAULT_TOP_K if top_k is None else top_k,
+        )
+        self.index_spec = parse_spec("Flat" if index is None else index, self.head_dim)
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+        self.workers = workers
+        self.index_options = {
+            "nprobe": nprobe,
+            "efSearch": efSearch,
+            "min_train_points": min_train_points,
+            "retrain_factor": retrain_factor,
+            "train_sample": train_sample,
+            "seed": seed,
+        }
+        # Validate the options once, on a throw-away index, before any row is built.
+        self._new_index()
+        self._rows: list[list[StreamingIndex]] = [self._new_row() for _ in range(self.batch_size)]
+        self._values: list[ChunkedTensor] = [self._new_values() for _ in range(self.batch_size)]
+
+    def _new_index(self) -> StreamingIndex:
+        return StreamingIndex(self.head_dim, self.index_spec, device=self.device, **self.index_options)
+
+    def _new_row(self) -> list[StreamingIndex]:
+        return [self._new_index() for _ in range(self.num_heads)]
+
+    def _new_values(self) -> ChunkedTensor:
+        return ChunkedTensor((self.num_heads,), self.head_dim, self.mem_dtype, self.device, VALUE_CHUNK)
+
+    @property
+    def index(self) -> str:
+        """The Faiss factory string."""
+        return self.index_spec.spec
+
+    def head_index(self, row: int, head: int) -> StreamingIndex:
+        """The index of one (row, head): for inspection and benchmarks."""
+        return self._rows[row][head]
+
+    # ------------------------------------------------------------------ MemoryBackend
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        mask = self._check_add(keys, values, mask)
+        # Round to the storage dtype first, so that every backend indexes the very same keys.
+        keys = keys.detach().to(self.mem_dtype).to(torch.float32)
+        values = values.detach()
+        jobs = []
+        for b in range(self.batch_size):
+            kb, vb = keys[b], values[b]  # [H, n, d]
+            if mask is not None:
+                keep = mask[b]
+                kb, vb = kb[:, keep], vb[:, keep]
+            if kb.shape[1] == 0:
+                continue
+            self._values[b].append(vb)
+            jobs.extend((self._rows[b][h], kb[h]) for h in range(self.num_heads))
+        fan_out(lambda job: job[0].add(job[1]), jobs, self.workers)
+
+    def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None) -> MemoryHits:
+        k, heads = self._check_search(queries, k, heads)
+        B, h, q, _ = queries.shape
+        q32 = queries.detach().to(torch.float32)
+        pairs = [(b, j) for b in range(B) for j in range(h)]
+        results = fan_out(
+            lambda p: self._rows[p[0]][heads.start + p[1]].search(q32[p[0], p[1]], k), pairs, self.workers
+        )
+        scores = torch.stack([s for s, _ in results]).reshape(B, h, q, k)
+        ids = torch.stack([i for _, i in results]).reshape(B, h, q, k)
+        values = torch.stack(
+            [
+                gather_values(
+                    [v[heads] for v in self._values[b].views()], ids[b], self.head_dim, self.mem_dtype
+                )
+                for b in range(B)
+            ]
+        )
+        return MemoryHits(scores=scores, ids=ids, values=values)
+
+    def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
+        for r in self._check_rows(rows):
+            self._rows[r] = self._new_row()
+            self._values[r] = self._new_values()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = self._check_reorder(index)
+        seen: set[int] = set()
+        rows, values = [], []
+        for r in index.tolist():
+            if r in seen:  # a duplicated beam gets its own copy, never a shared mutable index
+                rows.append([ix.clone() for ix in self._rows[r]])
+                copy = self._new_values()
+                for view in self._values[r].views():
+                    copy.append(view.clone())
+                values.append(copy)
+            else:
+                rows.append(self._rows[r])
+                values.append(self._values[r])
+                seen.add(r)
+        self._rows, self._values = rows, values
+        self.batch_size = len(index)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([row[0].ntotal for row in self._rows], dtype=torch.int64)
+
+    @property
+    def nbytes(self) -> int:
+        keys = sum(ix.nbytes for row in self._rows for ix in row)
+        return keys + sum(v.nbytes for v in self._values)
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        return {**super().config(), "index": self.index, **self.index_options, "workers": self.workers}
+
+    def state(self) -> dict:
+        return {
+            "config": self.config(),
+            "rows": [[ix.state() for ix in row] for row in self._rows],
+            "values": [v.full().cpu() for v in self._values],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, device: str | torch.device | None = None) -> FaissBackend:
+        new = cls(**state["config"], device=device or "cpu")
+        rows, values = state["rows"], state["values"]
+        if len(rows) != new.batch_size or len(values) != new.batch_size:
+            raise ValueError(
+                f"saved memory has {len(rows)} rows, its config says batch_size={new.batch_size}"
+            )
+        for b in range(new.batch_size):
+            if len(rows[b]) != new.num_heads:
+                raise ValueError(f"saved row {b} has {len(rows[b])} heads, expected {new.num_heads}")
+            new._rows[b] = [StreamingIndex.from_state(s, device=new.device) for s in rows[b]]
+            n = new._rows[b][0].ntotal
+            if any(ix.ntotal != n for ix in new._rows[b]):
+                raise ValueError(f"saved row {b}: heads hold different numbers of keys")
+            v = values[b]
+            if tuple(v.shape) != (new.num_heads, n, new.head_dim):
+                raise ValueError(
+                    f"saved values of row {b} have shape {list(v.shape)}, expected {[new.num_heads, n, new.head_dim]}"
+                )
+            new._values[b].append(v.to(new.device, new.mem_dtype))
+        return new
