@@ -67,15 +67,7 @@ def cache_lengths(cache: Any, num_layers: int) -> tuple[list[int], list[int]]:
     """Per-layer (memory lengths, local-cache lengths), 0 where a layer has none (as in the goldens)."""
     if cache is None:
         return [0] * num_layers, [0] * num_layers
-    if isinstance(cache, tuple | list):  # upstream's format: per layer (lk, lv, lpos, mk, mv, mmask)
-        return [int(layer[3].shape[-2]) for layer in cache], [int(layer[0].shape[-2]) for layer in cache]
-    mem = cache.memory_lengths()
-    local = cache.local_lengths()
-    if isinstance(mem, dict):
-        mem = [mem.get(i, 0) for i in range(num_layers)]
-    if isinstance(local, dict):
-        local = [local.get(i, 0) for i in range(num_layers)]
-    return [int(n) for n in mem], [int(n) for n in local]
+    return [int(n) for n in cache.memory_lengths()], [int(cache.local_length)] * num_layers
 
 
 def assert_close_logits(ours: torch.Tensor, ref: torch.Tensor, real: torch.Tensor, bf16: bool, what: str):
