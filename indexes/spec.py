@@ -56,12 +56,43 @@ def _probe(spec: str, dim: int) -> faiss.Index:
         ) from None
 
 
+def _check_sizes(spec: str, index: faiss.Index) -> list[int]:
+    """Refuse sizes that ``index_factory`` accepts but that crash Faiss later (SIGSEGV / SIGABRT / SIGFPE).
+
+    Returns the bits per code of every PQ / RQ / LSQ stage (``PQ8x10`` -> 10).
+    """
+    for m in re.finditer(r"HNSW(\d+)", spec):
+        if int(m.group(1)) < 2:
+            raise ValueError(f"index {spec!r}: {m.group(0)} has M={m.group(1)}; HNSW needs M >= 2")
+    nbits = []
+    for m in re.finditer(r"(?:PQ|RQ|LSQ)\d+(?:x\d+)+", spec):
+        nbits.append(int(m.group(0).rsplit("x", 1)[1]))
+        if nbits[-1] < 1:
+            raise ValueError(f"index {spec!r}: {m.group(0)} has codes of 0 bits; use at least 1")
+    pre = faiss.downcast_index(index)  # (``index`` stays referenced: it owns the transforms)
+    if isinstance(pre, faiss.IndexPreTransform):
+        for i in range(pre.chain.size()):
+            vt = faiss.downcast_VectorTransform(pre.chain.at(i))
+            if vt.d_out < 1 or (isinstance(vt, faiss.PCAMatrix) and vt.d_out > vt.d_in):
+                raise ValueError(
+                    f"index {spec!r}: {type(vt).__name__} maps dim {vt.d_in} to {vt.d_out}, "
+                    f"which is not a usable output dimension"
+                )
+            if isinstance(vt, faiss.OPQMatrix) and (vt.M < 1 or vt.d_out % vt.M):
+                raise ValueError(f"index {spec!r}: OPQ{vt.M} needs M >= 1 dividing its output dim {vt.d_out}")
+        pre = faiss.downcast_index(pre.index)
+    if getattr(pre, "code_size", None) == 0:
+        raise ValueError(f"index {spec!r} stores codes of 0 bytes: every key would look the same")
+    return nbits
+
+
 def parse_spec(spec: str, dim: int) -> IndexSpec:
     """Validate ``spec`` for inner-product search at ``dim`` and describe it.
 
     Raises:
         TypeError: ``spec`` is not a string or ``dim`` not an int.
-        ValueError: Faiss cannot build it, it cannot take keys incrementally (NSG), or ``dim`` <= 0.
+        ValueError: Faiss cannot build it, it cannot take keys incrementally (NSG) or without ids
+            (IDMap), a size in it would crash Faiss (HNSW1, PQ4x0, RR0, IVF0), or ``dim`` <= 0.
     """
     if not isinstance(spec, str):
         raise TypeError(f"index must be a Faiss index_factory string, got {type(spec).__name__}")
@@ -72,18 +103,27 @@ def parse_spec(spec: str, dim: int) -> IndexSpec:
         raise ValueError("index must be a non-empty Faiss index_factory string, got ''")
     if re.search(r"(^|,)NSG", spec):
         raise ValueError(f"index {spec!r}: NSG graphs cannot be extended after they are built; use HNSW")
+    if re.search(r"(^|,)IDMap", spec):
+        raise ValueError(
+            f"index {spec!r}: entry ids are assigned by the memory (insertion order); drop the IDMap prefix"
+        )
     index = _probe(spec, dim)
+    nbits = _check_sizes(spec, index)
     nlist = 0
     try:
         nlist = int(faiss.extract_index_ivf(index).nlist)
     except (RuntimeError, AttributeError):
-        nlist = 0
+        nlist = None
+    if nlist is not None and nlist < 1:
+        raise ValueError(f"index {spec!r}: an IVF index needs at least 1 list, got nlist={nlist}")
+    nlist = nlist or 0
     needs_training = not index.is_trained
     min_points = 0
     if needs_training:
         min_points = POINTS_PER_CENTROID * max(nlist, 1)
         if re.search(r"PQ|SQ[468]|SQbf16|RQ|LSQ", spec):
-            min_points = max(min_points, POINTS_PER_CENTROID * _CODEBOOK_CENTROIDS)
+            centroids = max([_CODEBOOK_CENTROIDS, *(2**b for b in nbits)])  # PQ8x10: 1024 per codebook
+            min_points = max(min_points, POINTS_PER_CENTROID * centroids)
     params = []
     ps = faiss.ParameterSpace()
     for name, value in (("nprobe", 1), ("efSearch", 16)):

@@ -54,12 +54,12 @@ def _as_keys(x: object, dim: int, name: str) -> torch.Tensor:
     return x.detach().to(torch.float32).contiguous()
 
 
-def check_k(k: object) -> int:
-    """``k`` as a positive int, or ``ValueError``/``TypeError`` naming it."""
+def check_k(k: object, name: str = "k") -> int:
+    """``k`` as a positive int, or ``ValueError``/``TypeError`` naming it (as ``name``)."""
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
-        raise TypeError(f"k must be a positive int, got {type(k).__name__} {k!r}")
+        raise TypeError(f"{name} must be a positive int, got {type(k).__name__} {k!r}")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ValueError(f"{name} must be >= 1, got {k}")
     return int(k)
 
 
@@ -76,8 +76,8 @@ class StreamingIndex:
         device: ``"cpu"`` or ``"cuda[:N]"``.
         nprobe / efSearch: search-time knobs, where the index has them.
         min_train_points: keys before the first training (default: 39 per centroid).
-        retrain_factor: rebuild when the memory grows by this factor since the last training;
-            ``None`` never retrains.
+        retrain_factor: retrain (indexes that need training) when the memory grows by this factor
+            since the last training; ``None`` never retrains.
         train_sample: keys sampled for training (default: up to 256 per centroid, at least
             ``min_train_points``).
         chunk_size: keys per storage chunk.
@@ -119,6 +119,10 @@ class StreamingIndex:
             not isinstance(retrain_factor, (int, float)) or not retrain_factor > 1
         ):
             raise ValueError(f"retrain_factor must be a number > 1 or None, got {retrain_factor!r}")
+        if train_sample is not None and (
+            not isinstance(train_sample, int) or isinstance(train_sample, bool) or train_sample < 1
+        ):
+            raise ValueError(f"train_sample must be a positive int or None, got {train_sample!r}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.min_train_points = max(min_train_points or 0, self.spec.min_train_points)
@@ -190,8 +194,12 @@ class StreamingIndex:
         self._append_chunks(x)
         if self._index is not None:
             self._index.add(_to_numpy(x))
-            if self.retrain_factor is not None and self._ntotal >= self.retrain_factor * self.trained_at:
-                self._build()
+            if (
+                self.spec.needs_training
+                and self.retrain_factor is not None
+                and self._ntotal >= self.retrain_factor * self.trained_at
+            ):
+                self._build()  # retrain on a fresh sample; an index without training (HNSW) just grows
         elif not self.spec.is_flat and self._ntotal >= max(self.min_train_points, 1):
             self._build()
 
@@ -377,7 +385,11 @@ class StreamingIndex:
         new.trained_at = int(state["trained_at"])
         new.trainings = int(state["trainings"])
         if state["index"] is not None:
-            index = new._index_from_bytes(state["index"].numpy())
+            try:
+                index = new._index_from_bytes(state["index"].numpy())
+            except RuntimeError as err:  # Faiss cannot parse the bytes
+                reason = str(err).strip().splitlines()[-1]
+                raise ValueError(f"saved {new.spec.spec!r} index cannot be read ({reason})") from None
             if index.ntotal != new._ntotal:
                 raise ValueError(f"saved index holds {index.ntotal} keys but {new._ntotal} keys were saved")
             if index.d != new.dim:

@@ -84,15 +84,17 @@ def compare_backends(
     kk = hits.k
     dense = reference.search(q32)
     # Exact memory softmax over all entries, re-indexed by entry id (ids count real entries only).
-    p_dense = torch.softmax(dense.scores / math.sqrt(d), dim=-1)  # [B, H, q, M], 0 on padding
     n_real = int(reference.lengths.max())
     slot = torch.where(dense.ids >= 0, dense.ids, n_real)
-    p_exact = torch.zeros(B, H, q, n_real + 1, dtype=p_dense.dtype).scatter_(-1, slot, p_dense)[..., :n_real]
-    k_ref = min(kk, int(reference.lengths.min()))
-    top_ids = torch.topk(p_exact, k_ref, dim=-1).indices  # [B, H, q, k_ref]
+    s_exact = torch.full((B, H, q, n_real + 1), -math.inf).scatter_(-1, slot, dense.scores)[..., :n_real]
+    p_exact = torch.softmax(s_exact / math.sqrt(d), dim=-1)  # [B, H, q, n_real], 0 where a row has no entry
+    # The exact top-k by score, not by probability: probabilities underflow to ties at 0. A row with
+    # fewer than k entries is scored on the entries it has.
+    top_scores, top_ids = torch.topk(s_exact, min(kk, n_real), dim=-1)  # [B, H, q, k']
+    real_top = torch.isfinite(top_scores)
     got = hits.ids  # [B, H, q, kk]
-    match = (top_ids.unsqueeze(-1) == got.unsqueeze(-2)).any(dim=-1)  # [B, H, q, k_ref]
-    recall = match.float().mean(dim=-1)
+    match = (top_ids.unsqueeze(-1) == got.unsqueeze(-2)).any(dim=-1) & real_top
+    recall = match.sum(dim=-1) / real_top.sum(dim=-1).clamp_min(1)
     valid = got >= 0
     mass = torch.gather(p_exact, -1, got.clamp(0, max(n_real - 1, 0))) * valid
     mass_recall = mass.sum(dim=-1)

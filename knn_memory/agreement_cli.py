@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -20,8 +21,17 @@ from knn_memory.registry import available_backends
 from knn_memory.synthetic import SOURCES, make_memory
 
 
+class _BadArguments(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one stderr line and exit code 2 from main(), not usage + SystemExit
+        raise _BadArguments(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="knn-memory-agreement", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="knn-memory-agreement", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="faiss", help=f"backend name, one of {available_backends()}")
     p.add_argument(
         "--index", default=None, help="Faiss index_factory string (faiss backend), e.g. IVF256,Flat"
@@ -41,11 +51,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     keys, values, queries = None, None, None
     try:
+        args = _parser().parse_args(argv)
         if args.keys < 1:
             raise ValueError(f"--keys must be >= 1, got {args.keys}")
+        if args.queries < 1:
+            raise ValueError(f"--queries must be >= 1, got {args.queries}")
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise ValueError(f"--json {args.json!r}: its directory does not exist")
         keys, values, queries = make_memory(
             args.source,
             num_heads=args.heads,
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.index or args.nprobe or args.efSearch:
             raise ValueError(f"--index/--nprobe/--efSearch apply to the faiss backend, not {args.backend!r}")
         report = measure_agreement(keys, values, queries, args.backend, mem_dtype=args.mem_dtype, **options)
-    except (ValueError, TypeError) as err:
+    except (_BadArguments, ValueError, TypeError) as err:
         print(f"knn-memory-agreement: error: {err}", file=sys.stderr)
         return 2
     print(f"{args.backend} {args.index or ''} k={report.k} source={args.source} N={args.keys} d={args.dim}")

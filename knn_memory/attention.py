@@ -33,6 +33,10 @@ def _check(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
             raise TypeError(f"{name} must be a torch.Tensor [B, H, n, d], got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, H, n, d], got shape {list(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got dtype {t.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device}, but query is on {query.device}")
     B, H, q, d = query.shape
     if keys.shape[:2] != (B, H) or keys.shape[3] != d or keys.shape != values.shape:
         raise ValueError(
@@ -43,6 +47,14 @@ def _check(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
             f"query, local_keys, local_values must share a dtype, got {query.dtype}, {keys.dtype}, {values.dtype}"
         )
     if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"local_mask must be an additive float torch.Tensor, got {type(mask).__name__}")
+        if not mask.is_floating_point():
+            raise TypeError(
+                f"local_mask must be an additive float mask (0 = visible, finfo.min = masked), got dtype {mask.dtype}"
+            )
+        if mask.device != query.device:
+            raise ValueError(f"local_mask is on {mask.device}, but query is on {query.device}")
         n = keys.shape[2]
         if (
             mask.dim() != 4
@@ -94,7 +106,17 @@ def memory_attention(
         [B, H, q, d] in ``query.dtype``.
     """
     _check(query, local_keys, local_values, local_mask)
-    _, H, q, d = query.shape
+    B, H, q, d = query.shape
+    if memory is not None:
+        if not isinstance(memory, MemoryBackend):
+            raise TypeError(f"memory must be a MemoryBackend or None, got {type(memory).__name__}")
+        if (memory.batch_size, memory.num_heads, memory.head_dim) != (B, H, d):
+            raise ValueError(
+                f"memory holds [B={memory.batch_size}, H={memory.num_heads}, d={memory.head_dim}] "
+                f"but query has shape {list(query.shape)}"
+            )
+    if q == 0 or H == 0:
+        return query.new_empty(query.shape)
     use_memory = memory is not None and not memory.is_empty
     if use_sdpa and not use_memory:
         return F.scaled_dot_product_attention(query, local_keys, local_values, attn_mask=local_mask)

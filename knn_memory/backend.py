@@ -66,7 +66,7 @@ class MemoryBackend(abc.ABC):
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.mem_dtype = resolve_dtype(mem_dtype)
         self.device = parse_device(device)
-        self.top_k = None if top_k is None else check_k(top_k)
+        self.top_k = None if top_k is None else check_k(top_k, "top_k")
 
     # ------------------------------------------------------------------ interface
     @abc.abstractmethod

@@ -88,6 +88,8 @@ class ExactBackend(MemoryBackend):
         valid = self.valid_mask()  # [B, M]
         key_views = [v[:, heads] for v in self._keys.views()]
         value_views = [v[:, heads] for v in self._values.views()]
+        if not value_views:  # empty memory: one empty chunk keeps d, so weighted values are [B, h, q, d]
+            value_views = [torch.empty(B, h, 0, self.head_dim, dtype=self.mem_dtype, device=self.device)]
         if len(key_views) <= 1 or (torch.is_grad_enabled() and queries.requires_grad):
             parts = [torch.matmul(queries, kv.to(queries.dtype).transpose(-1, -2)) for kv in key_views]
             scores = torch.cat(parts, dim=-1).float() if parts else queries.new_zeros(B, h, q, 0).float()
@@ -117,9 +119,11 @@ class ExactBackend(MemoryBackend):
                 for b in range(B)
             ]
         )
-        ids = torch.where(
-            pos >= 0, torch.gather(entry_ids[:, None, None, :].expand(B, h, q, M), -1, pos.clamp_min(0)), -1
+        # empty slots (pos -1) read a trailing -1 column, which also covers an empty memory (M == 0)
+        slot_ids = torch.nn.functional.pad(entry_ids, (0, 1), value=-1)[:, None, None, :].expand(
+            B, h, q, M + 1
         )
+        ids = torch.gather(slot_ids, -1, torch.where(pos >= 0, pos, M))
         return MemoryHits(scores=top_scores, ids=ids, values=values)
 
     def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:

@@ -118,7 +118,9 @@ def _normalize_mem_device(value: object) -> str | None:
     if isinstance(value, torch.device):
         return str(value)
     if not isinstance(value, str):
-        raise TypeError(f"mem_device must be None, a str or a torch.device, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"mem_device must be None, a str or a torch.device, got {type(value).__name__} {value!r}"
+        )
     try:
         torch.device(value)
     except RuntimeError as err:
@@ -136,6 +138,17 @@ def _normalize_number(name: str, value: object) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return value
+
+
+def _warn_long_last_context(last_context_length: int, window: int) -> None:
+    # one fixed warning location, so the same message is shown once however often the config is checked
+    warnings.warn(
+        f"last_context_length ({last_context_length}) is larger than the window max_position_embeddings "
+        f"({window}): inputs longer than the window get a final window longer than the window, and the local "
+        "cache exceeds its capacity until the next call flushes it (accepted, as upstream does)",
+        UserWarning,
+        stacklevel=1,
+    )
 
 
 # Field name -> function that checks one value and returns its normal form (e.g. a JSON list -> a tuple).
@@ -253,12 +266,7 @@ class LongLlamaConfig(PreTrainedConfig):
                     f"(num_hidden_layers={self.num_hidden_layers}); got mem_layers={self.mem_layers}"
                 )
         if self.last_context_length > self.max_position_embeddings:
-            warnings.warn(
-                f"last_context_length ({self.last_context_length}) is larger than the window "
-                f"max_position_embeddings ({self.max_position_embeddings}): the final window will be longer "
-                "than the window and the local cache will exceed its capacity (accepted, as upstream does)",
-                stacklevel=2,
-            )
+            _warn_long_last_context(self.last_context_length, self.max_position_embeddings)
 
     def memory_backend_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`knn_memory.create_backend` besides the geometry and the device."""

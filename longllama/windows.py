@@ -7,8 +7,9 @@ With ``n`` input tokens, window length ``W`` (``max_position_embeddings``) and `
 * the last ``min(n, L)`` tokens form the final window, which stays in the local cache (``use_cache=True``).
 
 If ``n <= L`` the input is a single window. Only the current call's input counts: an existing local cache
-does not change the split. ``L > W`` is accepted, as upstream does, with a warning: the final window is then
-longer than a window and the local cache exceeds its capacity until the next call flushes it.
+does not change the split. ``L > W`` is accepted, as upstream does: the final window is then
+longer than a window (a warning says so when that happens) and the local cache exceeds its capacity until the
+next call flushes it.
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ def split_windows(input_length: int, window_length: int, last_context_length: in
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if last_context_length > window_length:
+    if min(input_length, last_context_length) > window_length:
         warnings.warn(
-            f"last_context_length ({last_context_length}) is larger than the window ({window_length}); "
-            "the final window will exceed the local cache capacity (accepted, as upstream does)",
+            f"last_context_length ({last_context_length}) is larger than the window ({window_length}): the final "
+            f"window has {min(input_length, last_context_length)} tokens and the local cache exceeds its capacity "
+            "until the next call flushes it (accepted, as upstream does)",
+            UserWarning,
             stacklevel=2,
         )
     prefix_length = max(input_length - last_context_length, 0)
-    spans = [(begin, min(begin + window_length, prefix_length)) for begin in range(0, prefix_length, window_length)]
+    spans = [
+        (begin, min(begin + window_length, prefix_length)) for begin in range(0, prefix_length, window_length)
+    ]
     spans.append((prefix_length, input_length))
     return spans

@@ -1,0 +1,630 @@
+"""LongLLaMA (Focused Transformer): a LLaMA decoder whose memory layers also attend to a memory of all
+earlier context windows.
+
+Read top to bottom: RMSNorm and MLP (plain LLaMA), the attention layer, the decoder layer, then
+`LongLlamaModel`, which splits a long input into windows and runs them one after the other, and
+`LongLlamaForCausalLM`, which adds the LM head, the loss and ``generate()``.
+
+How one call runs (upstream LongLLaMA's semantics, see ``split_windows``):
+
+* The input is split into windows; the prefix windows go into memory, the final window (the last
+  ``last_context_length`` tokens) stays in the local cache.
+* A prefix window with no local cache yet attends causally to itself plus the whole memory, and *after* its
+  attention its un-rotated keys and values enter the memory of every memory layer.
+* With a local cache (continuation, generation, or a later prefix window of such a call), new tokens join the
+  local cache. If that would exceed the window length, the *whole* previous local cache is first moved into
+  memory (memory layers) or dropped (other layers).
+* Local keys are stored un-rotated with their absolute positions and rotated on every call by their position
+  relative to the oldest local key. Memory keys are never rotated (position 0), queries always are.
+* Every layer calls ``knn_memory.memory_attention`` (memory layers pass their memory backend): one softmax
+  over [local keys ; memory entries], upstream's numerics.
+
+The memory and the local cache live in a :class:`~longllama.cache.LongLlamaCache`, returned as
+``past_key_values`` (``cache`` in transformers 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+import knn_memory
+from longllama.cache import LongLlamaCache, add_to_memory, create_memory
+from longllama.configuration import LongLlamaConfig
+from longllama.rope import RotaryTable, apply_rotary, relative_positions
+from longllama.windows import split_windows
+
+if TYPE_CHECKING:
+    from longllama.crossbatch import CrossBatchPlan
+
+logger = logging.get_logger(__name__)
+
+
+class LongLlamaRMSNorm(nn.Module):
+    """RMS normalisation in float32, scaled by a learned weight (LLaMA's ``LlamaRMSNorm``)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., D], same dtype."""
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(input_dtype)
+
+
+class LongLlamaMLP(nn.Module):
+    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self, config: LongLlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n, D] -> [B, n, D]."""
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class WindowContext:
+    """What every layer needs to process one window of ``n`` new tokens after ``past`` cached ones.
+
+    Attributes:
+        attention_mask: additive float mask [B, 1, n, past + n] (causal + padding, ``finfo.min`` = masked).
+        cos, sin: RoPE of the local window's relative positions, [B, 1, past + n, d] (queries use the last n).
+        cache: the sequence state (local caches and memories).
+        use_cache: keep the window's keys/values in the local cache.
+        memory_after_attention: a no-local-cache window: its keys/values enter memory after attention.
+        real: [B, n] bool, True for real (non-padding) new tokens; the memory mask of entries added after
+            attention.
+        crossbatch: FoT training only: memory layers attend to the batch's own windows listed in this plan
+            (see :mod:`longllama.crossbatch`) instead of the cache's memory.
+    """
+
+    attention_mask: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: LongLlamaCache
+    use_cache: bool
+    memory_after_attention: bool
+    real: torch.Tensor
+    crossbatch: CrossBatchPlan | None = None
+
+
+class LongLlamaAttention(nn.Module):
+    """Multi-head attention over the local window and, in memory layers, the memory (one softmax).
+
+    Args:
+        config: model config.
+        layer_idx: index of this layer; memory layers are those listed in ``config.mem_layers``.
+    """
+
+    def __init__(self, config: LongLlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.is_memory_layer = layer_idx in config.mem_layers
+        # mem_positionals=False removes RoPE from memory layers altogether (queries and local keys too)
+        self.use_positionals = not self.is_memory_layer or config.mem_positionals
+        self.grouping = config.mem_attention_grouping if self.is_memory_layer else None
+        self.use_sdpa = config.torch_attention
+        self.mem_dtype = config.mem_dtype
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, window: WindowContext) -> torch.Tensor:
+        """[B, n, D] -> [B, n, D]; updates this layer's local cache and memory in ``window.cache``."""
+        B, n, D = hidden_states.shape
+        H, d = self.num_heads, self.head_dim
+        q = self.q_proj(hidden_states).view(B, n, H, d).transpose(1, 2)  # [B, H, n, d]
+        k = self.k_proj(hidden_states).view(B, n, H, d).transpose(1, 2)  # [B, H, n, d], un-rotated
+        v = self.v_proj(hidden_states).view(B, n, H, d).transpose(1, 2)  # [B, H, n, d]
+
+        layer_cache = window.cache.layers[self.layer_idx]
+        if layer_cache.get_seq_length() > 0:
+            keys = torch.cat([layer_cache.keys, k], dim=-2)  # [B, H, past + n, d]
+            values = torch.cat([layer_cache.values, v], dim=-2)
+        else:
+            keys, values = k, v
+        if window.use_cache:
+            layer_cache.set_local(keys, values)
+
+        if self.use_positionals:
+            q = apply_rotary(q, window.cos[:, :, -n:], window.sin[:, :, -n:])
+            keys = apply_rotary(keys, window.cos, window.sin)
+
+        memory = layer_cache.memory if self.is_memory_layer else None
+        if self.is_memory_layer and window.crossbatch is not None:
+            memory = window.crossbatch.memory(k, v, window.real, self.mem_dtype)
+        out = knn_memory.memory_attention(
+            q, keys, values, window.attention_mask, memory, grouping=self.grouping, use_sdpa=self.use_sdpa
+        )  # [B, H, n, d]
+
+        if memory is not None and window.memory_after_attention:
+            add_to_memory(memory, k, v, window.real)
+
+        return self.o_proj(out.transpose(1, 2).reshape(B, n, D))
+
+
+class LongLlamaDecoderLayer(nn.Module):
+    """Pre-norm decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: LongLlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LongLlamaAttention(config, layer_idx)
+        self.mlp = LongLlamaMLP(config)
+        self.input_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    @property
+    def is_memory_layer(self) -> bool:
+        return self.self_attn.is_memory_layer
+
+    def forward(self, hidden_states: torch.Tensor, window: WindowContext) -> torch.Tensor:
+        """[B, n, D] -> [B, n, D]."""
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), window)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class LongLlamaPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading conventions shared by the LongLLaMA models (LLaMA weight names)."""
+
+    config_class = LongLlamaConfig
+    config: LongLlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules: ClassVar[list[str]] = ["LongLlamaDecoderLayer"]
+    # upstream v1.1 checkpoints carry the RoPE inverse frequencies; they are recomputed here
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"rotary_emb\.inv_freq", r"decoder\.version"]
+    # memory cannot be rolled back, so assisted generation is refused
+    _is_stateful = True
+
+
+def build_attention_mask(real: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask of ``query_length`` new tokens over ``real.shape[1]`` local keys (the new ones last).
+
+    Args:
+        real: [B, k] bool, True for real tokens, over the local window (cached + new).
+        query_length: n, the number of new tokens (the last n of the window).
+        dtype: the activation dtype.
+
+    Returns:
+        [B, 1, n, k]: ``finfo.min`` on padding keys plus ``finfo.min`` on future keys (causal, only when
+        n > 1), 0 elsewhere; a key that is both sums to ``-inf``, which attention clamps as upstream does.
+    """
+    B, k = real.shape
+    past = k - query_length
+    min_value = torch.finfo(dtype).min
+    padding = torch.zeros(B, 1, 1, k, dtype=dtype, device=real.device).masked_fill(
+        ~real[:, None, None, :], min_value
+    )
+    mask = padding.expand(B, 1, query_length, k)
+    if query_length > 1:
+        future = torch.ones(query_length, query_length, dtype=torch.bool, device=real.device).triu(1)
+        causal = torch.zeros(query_length, k, dtype=dtype, device=real.device)
+        causal[:, past:] = causal[:, past:].masked_fill(future, min_value)
+        mask = mask + causal  # [B, 1, n, k]
+    return mask
+
+
+class LongLlamaModel(LongLlamaPreTrainedModel):
+    """The LongLLaMA decoder: embeddings, decoder layers, final norm; handles inputs of any length.
+
+    Args:
+        config: model config. Its memory backend settings are checked here by building one backend.
+    """
+
+    def __init__(self, config: LongLlamaConfig) -> None:
+        super().__init__(config)
+        config.check()  # keyword overrides of from_pretrained are set after the config was built
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [LongLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rope = RotaryTable(
+            config.hidden_size // config.num_attention_heads,
+            config.rope_theta,
+            config.max_position_embeddings,
+        )
+        self.gradient_checkpointing = False
+        if config.mem_layers:
+            check_memory_settings(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LongLlamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        last_context_length: int | None = None,
+        cache: LongLlamaCache | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Run an input of any length, window by window.
+
+        Args:
+            input_ids: [B, n] token ids (or ``inputs_embeds`` [B, n, D]).
+            attention_mask: [B, local + n] (1 = real token, 0 = padding) covering the local cache and the
+                input; a longer mask (e.g. the whole history) is cut to its last ``local + n`` columns.
+                None: no padding.
+            position_ids: [B, n]; None continues from the local cache (0 without one). Only differences
+                between positions matter.
+            past_key_values / cache: a :class:`LongLlamaCache` returned by an earlier call (either name).
+            use_cache: keep the final window in the local cache (default ``config.use_cache``); with False
+                it goes into memory like the other windows.
+            output_hidden_states: also return the hidden states of every layer (windows concatenated).
+            last_context_length: tokens of this input kept out of memory (default from the config).
+
+        Returns:
+            ``BaseModelOutputWithPast`` with ``last_hidden_state`` [B, n, D] and the cache (``None`` only when
+            ``use_cache`` is off and there are no memory layers).
+        """
+        config = self.config
+        if output_attentions:
+            raise ValueError(
+                "output_attentions=True is not supported by LongLLaMA (attention is computed in blocks)"
+            )
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        use_cache = use_cache if use_cache is not None else config.use_cache
+        last_context_length = (
+            last_context_length if last_context_length is not None else config.last_context_length
+        )
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once(
+                "use_cache=True is incompatible with gradient checkpointing; using use_cache=False"
+            )
+            use_cache = False
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, n] and inputs_embeds [B, n, D]")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [B, n], got shape {list(input_ids.shape)}")
+            inputs_embeds = self.embed_tokens(input_ids)  # [B, n, D]
+        elif inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must be [B, n, D], got shape {list(inputs_embeds.shape)}")
+        B, n, _ = inputs_embeds.shape
+        if n == 0:
+            raise ValueError("the input is empty (0 tokens)")
+
+        state = resolve_cache(past_key_values, cache, config)
+        if state is None:
+            state = LongLlamaCache(config)
+        if not use_cache and state.local_length > 0:
+            raise ValueError("past_key_values with a local cache needs use_cache=True (got use_cache=False)")
+        state.prepare(B, inputs_embeds.device)
+        past = state.local_length
+
+        position_ids = self._position_ids(position_ids, state, B, n, inputs_embeds.device)
+        real = real_token_mask(attention_mask, B, past + n, inputs_embeds.device)  # [B, past + n]
+
+        hidden_parts: list[torch.Tensor] = []
+        layer_parts: list[list[torch.Tensor]] = []
+        for begin, end in split_windows(n, config.max_position_embeddings, last_context_length):
+            local = state.local_length
+            final = end == n
+            # a prefix window keeps a local cache only if one already exists (upstream)
+            window_use_cache = use_cache if (final or local > 0) else False
+            window_real = real[:, past + begin - local : past + end]
+            hidden, layers = self._forward_window(
+                inputs_embeds[:, begin:end],
+                window_real,
+                position_ids[:, begin:end],
+                state,
+                window_use_cache,
+                output_hidden_states,
+            )
+            hidden_parts.append(hidden)
+            layer_parts.append(layers)
+
+        last_hidden_state = torch.cat(hidden_parts, dim=1) if len(hidden_parts) > 1 else hidden_parts[0]
+        all_hidden_states = None
+        if output_hidden_states:
+            all_hidden_states = tuple(torch.cat(parts, dim=1) for parts in zip(*layer_parts, strict=True))
+        returned_cache = state if (use_cache or config.mem_layers) else None
+        if not return_dict:
+            return tuple(v for v in (last_hidden_state, returned_cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=last_hidden_state, cache=returned_cache, hidden_states=all_hidden_states
+        )
+
+    def _position_ids(
+        self, position_ids: torch.Tensor | None, state: LongLlamaCache, B: int, n: int, device: torch.device
+    ) -> torch.Tensor:
+        """[B, n] int64 positions: the given ones, or the next after the local cache's (0 without one)."""
+        if position_ids is None:
+            start = (
+                state.positions.max(dim=-1, keepdim=True).values + 1
+                if state.local_length > 0
+                else torch.zeros(B, 1, dtype=torch.long, device=device)
+            )
+            return torch.arange(n, device=device).view(1, n) + start.to(device)
+        position_ids = position_ids.to(device=device, dtype=torch.long)
+        if position_ids.dim() == 1:
+            position_ids = position_ids.view(1, -1)
+        if position_ids.shape[0] == 1 and B > 1:
+            position_ids = position_ids.expand(B, -1)
+        if tuple(position_ids.shape) != (B, n):
+            raise ValueError(f"position_ids must be [B={B}, n={n}], got shape {list(position_ids.shape)}")
+        return position_ids
+
+    def _forward_window(
+        self,
+        inputs_embeds: torch.Tensor,
+        real: torch.Tensor,
+        position_ids: torch.Tensor,
+        state: LongLlamaCache,
+        use_cache: bool,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One window of n tokens.
+
+        Args:
+            inputs_embeds: [B, n, D].
+            real: [B, local + n] bool over the current local cache and the window.
+            position_ids: [B, n] absolute positions of the window.
+            state: the cache, updated in place.
+            use_cache: keep the window in the local cache (else, memory layers add it to memory).
+            output_hidden_states: collect the input of every layer and the normed output.
+
+        Returns:
+            normed hidden states [B, n, D], and the per-layer hidden states if asked (else []).
+        """
+        n = inputs_embeds.shape[1]
+        local = state.local_length
+        if local > 0 and local + n > self.config.max_position_embeddings:
+            # overflow: the whole previous local cache goes to memory before this window's attention
+            state.flush_local_into_memory(real[:, :local])
+            real = real[:, local:]
+            local = 0
+        # positions of the whole local window [B, local + n]; RoPE uses them relative to the oldest key
+        positions = torch.cat([state.positions, position_ids], dim=1) if local > 0 else position_ids
+        cos, sin = self.rope.lookup(relative_positions(positions), inputs_embeds.dtype)  # [B, 1, local+n, d]
+        window = WindowContext(
+            attention_mask=build_attention_mask(real, n, inputs_embeds.dtype),
+            cos=cos,
+            sin=sin,
+            cache=state,
+            use_cache=use_cache,
+            memory_after_attention=not use_cache,
+            real=real[:, local:],
+        )
+
+        hidden_states = inputs_embeds
+        all_hidden_states = []
+        every_ith = self.config.gradient_checkpoint_every_ith
+        for idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            if (
+                self.gradient_checkpointing
+                and self.training
+                and not layer.is_memory_layer
+                and idx % every_ith == 0
+            ):
+                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, window)
+            else:
+                hidden_states = layer(hidden_states, window)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+
+        state.positions = positions if use_cache else None
+        state.seen_tokens += n
+        return hidden_states, all_hidden_states
+
+
+class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
+    """LongLLaMA with a language-modelling head; ``generate()`` keeps memory across steps.
+
+    Args:
+        config: model config.
+    """
+
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LongLlamaConfig) -> None:
+        super().__init__(config)
+        self.model = LongLlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def get_decoder(self) -> LongLlamaModel:
+        return self.model
+
+    def set_decoder(self, decoder: LongLlamaModel) -> None:
+        self.model = decoder
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LongLlamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        last_context_length: int | None = None,
+        cache: LongLlamaCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits of every position of an input of any length (see :meth:`LongLlamaModel.forward`).
+
+        Args:
+            labels: [B, n] next-token targets (-100 = ignored); the loss is the mean cross-entropy of
+                ``logits[:, :-1]`` against ``labels[:, 1:]`` over all windows.
+            logits_to_keep: if > 0, compute logits only for the last this many positions (``generate()``
+                uses 1).
+            (other arguments: as :meth:`LongLlamaModel.forward`.)
+
+        Returns:
+            ``CausalLMOutputWithPast``: ``logits`` [B, n, V], ``loss``, and the cache as ``cache`` (readable
+            as ``past_key_values`` too), to pass to the next call.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            last_context_length=last_context_length,
+            cache=cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)  # [B, n, V]
+
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError(
+                    "labels cannot be combined with logits_to_keep (the loss needs every position)"
+                )
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+            shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+            loss = CrossEntropyLoss()(shift_logits, shift_labels)
+
+        if not return_dict:
+            out = tuple(v for v in (logits, outputs.cache, outputs.hidden_states) if v is not None)
+            return (loss, *out) if loss is not None else out
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """transformers' inputs for one ``generate()`` step, without the cache when ``use_cache=False``.
+
+        Without a local cache every step feeds the whole sequence again; the memory-only cache an earlier
+        step returned must not be fed with it, or that memory would hold the sequence twice.
+        """
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if inputs.get("use_cache") is False:
+            inputs.pop("cache", None)
+            inputs.pop("past_key_values", None)
+        return inputs
+
+    def _prepare_position_ids_for_generation(
+        self, inputs_tensor: torch.Tensor, model_kwargs: dict
+    ) -> torch.Tensor:
+        """Positions for ``generate()``: ``cumsum(attention_mask) - 1``, padding keeps -1 (as upstream)."""
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() == 2:
+            return attention_mask.long().cumsum(-1) - 1
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
+
+def resolve_cache(past_key_values: object, cache: object, config: LongLlamaConfig) -> LongLlamaCache | None:
+    """The cache passed under either name, or None for none (or the empty cache ``generate()`` makes).
+
+    Raises:
+        ValueError: both names given with different objects, or a cache built for another layout.
+        TypeError: something that is not a :class:`LongLlamaCache` (e.g. upstream's tuple format).
+    """
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache once, as past_key_values or as cache, not two different objects")
+    given = cache if cache is not None else past_key_values
+    if given is None:
+        return None
+    if isinstance(given, LongLlamaCache):
+        if len(given.layers) != config.num_hidden_layers or given.memory_layers != sorted(
+            set(config.mem_layers)
+        ):
+            raise ValueError(
+                f"past_key_values was built for {len(given.layers)} layers with memory layers "
+                f"{given.memory_layers}, but this model has {config.num_hidden_layers} layers with memory layers "
+                f"{sorted(set(config.mem_layers))}"
+            )
+        return given
+    if isinstance(given, Cache) and given.get_seq_length() == 0:
+        return None  # the empty DynamicCache that generate() creates before the first step
+    raise TypeError(
+        f"past_key_values must be a LongLlamaCache returned by a previous call of this model, got "
+        f"{type(given).__name__}"
+    )
+
+
+def real_token_mask(
+    attention_mask: torch.Tensor | None, B: int, length: int, device: torch.device
+) -> torch.Tensor:
+    """[B, length] bool real-token flags from a 2-D attention mask (1 = real), cut to its last ``length`` columns.
+
+    A value other than 1 counts as padding, as upstream's ``1 - mask`` expansion does.
+    """
+    if attention_mask is None:
+        return torch.ones(B, length, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be 2-D [B, local + n], got shape {list(attention_mask.shape)}")
+    mask = attention_mask[:, -length:]
+    if tuple(mask.shape) != (B, length):
+        raise ValueError(
+            f"attention_mask must cover the local cache and the input: expected at least [B={B}, {length}] "
+            f"columns, got shape {list(attention_mask.shape)}"
+        )
+    return (mask == 1).to(device)
+
+
+def check_memory_settings(config: LongLlamaConfig) -> None:
+    """Build one small backend from the config so bad backend settings fail at load, naming the fields."""
+    try:
+        create_memory(config, batch_size=1, device=torch.device(config.mem_device or "cpu"))
+    except (ValueError, TypeError) as err:
+        raise type(err)(
+            f"invalid memory backend settings mem_backend={config.mem_backend!r}, mem_index={config.mem_index!r}, "
+            f"mem_top_k={config.mem_top_k!r}, mem_index_params={config.mem_index_params!r}, "
+            f"mem_dtype={config.mem_dtype!r}: {err}"
+        ) from err

@@ -1,0 +1,227 @@
+"""Passkey retrieval: find a number hidden in up to millions of tokens of filler.
+
+The prompt is upstream LongLLaMA's (from Landmark Attention), built the same way: the task line, filler
+made of "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+repeated and cut by characters, "The pass key is K. Remember it. K is the pass key." at a chosen depth,
+more filler, and "What is the pass key? The pass key is", lines joined by newlines. K is drawn from
+1..50000 with numpy's legacy RNG seeded by the seed, as upstream. Lengths are asked for in tokens: the
+number of filler characters is fitted to the tokenizer so the prompt has about that many tokens (the
+exact count is reported).
+
+Decoding is greedy for as many tokens as the answer has; a run is correct iff every generated token
+equals the answer's tokens (``tokenizer(str(K))`` without BOS), as upstream scores it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import psutil
+import torch
+
+from longllama.training_data import EVAL_FILLER, TASK
+
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+def _filler(n_chars: int) -> str:
+    repeats = n_chars // (len(EVAL_FILLER) + 1) + 1
+    return " ".join([EVAL_FILLER] * repeats)[:n_chars]
+
+
+def prompt_text(n_garbage: int, seed: int, depth: float | None = None) -> tuple[str, int]:
+    """The prompt with ``n_garbage`` filler characters and its pass key.
+
+    ``depth`` in [0, 1] places the needle at that fraction of the filler; None draws it uniformly
+    (upstream); the key is drawn as upstream does, without touching numpy's global RNG.
+    """
+    if depth is not None and not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1] or be None, got {depth!r}")
+    rng = np.random.RandomState(seed)  # the legacy generator: upstream's np.random.seed(seed) draws
+    split = int(rng.randint(0, max(n_garbage, 1)))
+    key = int(rng.randint(1, 50000))
+    if depth is not None:
+        split = round(depth * n_garbage)
+    garbage = _filler(n_garbage)
+    lines = [TASK, garbage[:split], NEEDLE.format(key=key), garbage[split:], QUESTION]
+    return "\n".join(lines), key
+
+
+@dataclass
+class PasskeyPrompt:
+    """A tokenized passkey prompt."""
+
+    input_ids: torch.Tensor  # [1, T]
+    answer_ids: list[int]
+    key: int
+    n_tokens: int  # measured
+    length: int  # asked for
+    depth: float | None
+    seed: int
+
+
+def make_prompt(tokenizer, n_tokens: int, seed: int, depth: float | None = None) -> PasskeyPrompt:
+    """A prompt of about ``n_tokens`` tokens (BOS included) for ``tokenizer``.
+
+    The filler length in characters is fitted from the tokenizer's rate on the filler, then corrected
+    once from the measured length.
+    """
+    if not isinstance(n_tokens, int) or n_tokens < 64:
+        raise ValueError(f"n_tokens must be an int >= 64, got {n_tokens!r}")
+    base = len(tokenizer(prompt_text(0, seed, depth)[0]).input_ids)
+    sample = _filler(20000)
+    rate = len(tokenizer(sample, add_special_tokens=False).input_ids) / len(sample)  # tokens per char
+    n_garbage = max(0, int((n_tokens - base) / rate))
+    for _ in range(2):
+        text, key = prompt_text(n_garbage, seed, depth)
+        ids = tokenizer(text).input_ids
+        if abs(len(ids) - n_tokens) <= max(2, n_tokens // 500):
+            break
+        n_garbage = max(0, n_garbage + int((n_tokens - len(ids)) / rate))
+    answer = tokenizer(str(key), add_special_tokens=False).input_ids
+    return PasskeyPrompt(
+        input_ids=torch.tensor([ids]),
+        answer_ids=list(answer),
+        key=key,
+        n_tokens=len(ids),
+        length=n_tokens,
+        depth=depth,
+        seed=seed,
+    )
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms), in bytes."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        proc = psutil.Process()
+        self.peak = proc.memory_info().rss
+
+        def watch() -> None:
+            while not self._stop.wait(self.interval):
+                self.peak = max(self.peak, proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, psutil.Process().memory_info().rss)
+
+
+@dataclass
+class PasskeyResult:
+    """One passkey run."""
+
+    backend: str
+    length: int
+    n_tokens: int
+    seed: int
+    depth: float | None
+    key: int
+    answer: str
+    output: str
+    correct: bool
+    seconds: float
+    peak_rss_bytes: int
+
+
+@torch.no_grad()
+def run_passkey(
+    model,
+    tokenizer,
+    prompt: PasskeyPrompt,
+    *,
+    last_context_length: int | None = None,
+    label: str = "",
+) -> PasskeyResult:
+    """Greedy-decode the answer of ``prompt`` and score it exactly as upstream."""
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        out = model.generate(
+            prompt.input_ids.to(model.device),
+            max_new_tokens=len(prompt.answer_ids),
+            min_new_tokens=len(prompt.answer_ids),
+            num_beams=1,
+            do_sample=False,
+            last_context_length=last_context_length,
+            pad_token_id=model.config.pad_token_id,
+        )
+        seconds = time.perf_counter() - start
+    generated = out[0, prompt.input_ids.shape[1] :].tolist()
+    return PasskeyResult(
+        backend=label,
+        length=prompt.length,
+        n_tokens=prompt.n_tokens,
+        seed=prompt.seed,
+        depth=prompt.depth,
+        key=prompt.key,
+        answer=str(prompt.key),
+        output=tokenizer.decode(generated, skip_special_tokens=True).strip(),
+        correct=generated == prompt.answer_ids,
+        seconds=seconds,
+        peak_rss_bytes=rss.peak,
+    )
+
+
+@contextlib.contextmanager
+def memory_settings(model, **settings):
+    """Temporarily set memory fields of ``model.config`` (``mem_backend``, ``mem_index``, ``mem_top_k``...)."""
+    before = {name: getattr(model.config, name) for name in settings}
+    try:
+        for name, value in settings.items():
+            setattr(model.config, name, value)
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(model.config, name, value)
+
+
+def summarize(results: list[PasskeyResult]) -> list[dict]:
+    """Accuracy per (backend, length): rows with n runs, accuracy, a 95% Wilson interval, mean time."""
+    groups: dict[tuple[str, int], list[PasskeyResult]] = {}
+    for r in results:
+        groups.setdefault((r.backend, r.length), []).append(r)
+    rows = []
+    for (backend, length), rs in sorted(groups.items()):
+        n = len(rs)
+        acc = sum(r.correct for r in rs) / n
+        lo, hi = _wilson(acc, n)
+        rows.append(
+            {
+                "backend": backend,
+                "length": length,
+                "runs": n,
+                "accuracy": acc,
+                "ci95": [lo, hi],
+                "mean_seconds": sum(r.seconds for r in rs) / n,
+                "peak_rss_mib": max(r.peak_rss_bytes for r in rs) / 2**20,
+            }
+        )
+    return rows
+
+
+def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def result_dicts(results: list[PasskeyResult]) -> list[dict]:
+    return [asdict(r) for r in results]

@@ -1,0 +1,213 @@
+"""``longllama-passkey``: passkey retrieval accuracy vs context length, per memory backend.
+
+    longllama-passkey --lengths 1k,4k,16k,64k --seeds 20 --backend exact --backend faiss:Flat --top-k 64
+    longllama-passkey --model path/to/long_llama_3b_v1_1 --lengths 8k --last-context-length 1024
+
+Defaults to the embedded model. ``--backend`` is ``exact`` or ``faiss:<Faiss index_factory string>``
+(repeatable). Writes ``results.jsonl`` (one line per run; ``--resume`` skips runs already there),
+``summary.json`` and ``passkey.png`` into ``--out`` and prints the table. Bad arguments exit with code 2
+and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from longllama.passkey import PasskeyResult, make_prompt, memory_settings, run_passkey, summarize
+
+
+def parse_length(text: str) -> int:
+    """``"4k"`` -> 4096, ``"1m"`` -> 1048576, ``"1500"`` -> 1500."""
+    t = text.strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if scale > 1 else t) * scale)
+    except ValueError:
+        raise ValueError(f"length {text!r} is not a token count such as 4096, 4k or 1m") from None
+    if value < 64:
+        raise ValueError(f"length {text!r} is below 64 tokens")
+    return value
+
+
+def parse_backend(text: str) -> dict:
+    """``"exact"`` or ``"faiss:HNSW32"`` -> memory settings for the model config."""
+    name, _, index = text.partition(":")
+    if name == "exact":
+        if index:
+            raise ValueError(f"backend {text!r}: the exact backend takes no index")
+        return {"mem_backend": "exact"}
+    if name == "faiss":
+        return {"mem_backend": "faiss", "mem_index": index or "Flat"}
+    raise ValueError(f"backend {text!r} must be 'exact' or 'faiss:<index_factory string>'")
+
+
+def _label(settings: dict, top_k: int | None, params: dict) -> str:
+    if settings["mem_backend"] == "exact":
+        return "exact" if top_k is None else f"exact/top{top_k}"
+    extra = ",".join(f"{k}={v}" for k, v in params.items())
+    return f"faiss:{settings['mem_index']}/top{top_k or 128}" + (f"/{extra}" if extra else "")
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    """Accuracy vs context length (log scale), one line per backend, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for backend in sorted({r["backend"] for r in summary}):
+        rows = sorted((r for r in summary if r["backend"] == backend), key=lambda r: r["length"])
+        xs = [r["length"] for r in rows]
+        ys = [100 * r["accuracy"] for r in rows]
+        lo = [100 * (r["accuracy"] - r["ci95"][0]) for r in rows]
+        hi = [100 * (r["ci95"][1] - r["accuracy"]) for r in rows]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=backend)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("passkey accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Passkey retrieval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(summary: list[dict]) -> str:
+    lines = [
+        f"{'backend':<34} {'length':>8} {'runs':>5} {'acc %':>6} {'95% CI':>13} {'s/run':>8} {'peak MiB':>9}"
+    ]
+    for r in summary:
+        ci = f"{100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}"
+        lines.append(
+            f"{r['backend']:<34} {r['length']:>8} {r['runs']:>5} {100 * r['accuracy']:>6.1f} {ci:>13} "
+            f"{r['mean_seconds']:>8.2f} {r['peak_rss_mib']:>9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="longllama-passkey", description="Passkey retrieval accuracy vs context length."
+    )
+    p.add_argument(
+        "--model", default=None, help="LongLLaMA checkpoint directory (default: the embedded model)"
+    )
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model or its directory (default: --model)")
+    p.add_argument("--lengths", default="1k,4k,16k", help="comma-separated token counts, e.g. 1k,4k,64k,1m")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per length and depth (0..N-1)")
+    p.add_argument("--seed-offset", type=int, default=0)
+    p.add_argument("--depths", default="random", help="needle depths in [0,1], comma-separated, or 'random'")
+    p.add_argument("--backend", action="append", default=None, help="exact | faiss:<index> (repeatable)")
+    p.add_argument("--top-k", type=int, default=None, help="memory entries per query (faiss default 128)")
+    p.add_argument("--nprobe", type=int, default=None)
+    p.add_argument("--efSearch", type=int, default=None)
+    p.add_argument("--last-context-length", type=int, default=None)
+    p.add_argument("--mem-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--grouping", default=None, help="mem_attention_grouping as 'heads,queries'")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--out", default="passkey_results", help="output directory")
+    p.add_argument("--resume", action="store_true", help="skip runs already in out/results.jsonl")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        lengths = [parse_length(t) for t in args.lengths.split(",") if t.strip()]
+        backends = [parse_backend(b) for b in (args.backend or ["exact"])]
+        depths = [None] if args.depths == "random" else [float(d) for d in args.depths.split(",")]
+        if any(d is not None and not 0 <= d <= 1 for d in depths):
+            raise ValueError(f"--depths must lie in [0, 1], got {args.depths!r}")
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        grouping = None if args.grouping is None else tuple(int(x) for x in args.grouping.split(","))
+        from longllama import LongLlamaForCausalLM, embedded_model_path, load_tokenizer
+        from longllama.modeling import check_memory_settings
+
+        model_path = Path(args.model) if args.model else embedded_model_path()
+        if not (model_path / "config.json").is_file():
+            raise ValueError(f"--model {str(model_path)!r} is not a checkpoint directory (no config.json)")
+        overrides = {"mem_attention_grouping": grouping} if grouping else {}
+        if args.mem_dtype:
+            overrides["mem_dtype"] = args.mem_dtype
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = LongLlamaForCausalLM.from_pretrained(
+            model_path, torch_dtype=torch.float32, **overrides
+        ).eval()
+        tokenizer = load_tokenizer(args.tokenizer or model_path)
+        params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.efSearch)) if v is not None}
+        runs = []
+        for settings in backends:
+            cfg = dict(
+                settings, mem_top_k=args.top_k if settings["mem_backend"] == "faiss" or args.top_k else None
+            )
+            if settings["mem_backend"] == "faiss":
+                cfg["mem_index_params"] = params or None
+            runs.append(
+                (_label(settings, args.top_k, params if settings["mem_backend"] == "faiss" else {}), cfg)
+            )
+        for _, cfg in runs:  # every backend setting is checked before the long part starts
+            with memory_settings(model, **cfg):
+                check_memory_settings(model.config)
+    except (ValueError, TypeError) as err:
+        print(f"longllama-passkey: error: {err}", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done: set[tuple] = set()
+    results: list[PasskeyResult] = []
+    if args.resume and results_path.is_file():
+        for line in results_path.read_text().splitlines():
+            r = PasskeyResult(**json.loads(line))
+            results.append(r)
+            done.add((r.backend, r.length, r.seed, r.depth))
+    jobs = [
+        (label, cfg, n, seed, depth)
+        for n in lengths
+        for seed in range(args.seed_offset, args.seed_offset + args.seeds)
+        for depth in depths
+        for label, cfg in runs
+        if (label, n, seed, depth) not in done
+    ]
+    prompts: dict[tuple, object] = {}
+    bar = tqdm(jobs, disable=args.no_progress, desc="passkey")
+    start = time.perf_counter()
+    with open(results_path, "a") as log:
+        for label, cfg, n, seed, depth in bar:
+            key = (n, seed, depth)
+            if key not in prompts:
+                prompts.clear()
+                prompts[key] = make_prompt(tokenizer, n, seed, depth)
+            with memory_settings(model, **cfg):
+                r = run_passkey(
+                    model, tokenizer, prompts[key], last_context_length=args.last_context_length, label=label
+                )
+            results.append(r)
+            log.write(json.dumps(asdict(r)) + "\n")
+            log.flush()
+            bar.set_postfix(backend=label[:20], n=n, ok=r.correct)
+    summary = summarize(results)
+    (out / "summary.json").write_text(json.dumps({"args": vars(args), "summary": summary}, indent=2) + "\n")
+    plot(summary, out / "passkey.png")
+    print(format_table(summary))
+    print(f"{len(jobs)} runs in {time.perf_counter() - start:.1f} s; results in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

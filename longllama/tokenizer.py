@@ -1,0 +1,42 @@
+"""Loading LongLLaMA's SentencePiece tokenizer through transformers' ``LlamaTokenizer``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from transformers import LlamaTokenizer
+
+
+def load_tokenizer(path: str | os.PathLike, **kwargs) -> LlamaTokenizer:
+    """A ``LlamaTokenizer`` for a SentencePiece model, adding BOS as LongLLaMA expects.
+
+    Args:
+        path: a ``tokenizer.model`` file, or a directory holding one (e.g. a checkpoint directory).
+        **kwargs: passed to ``LlamaTokenizer`` (``add_bos_token`` defaults to True, ``add_eos_token`` to
+            False, ``legacy`` to True as in the tokenizer LongLLaMA was trained with). A model without a
+            padding piece pads with ``<unk>`` (id 0 in LLaMA's tokenizer, LongLLaMA's ``pad_token_id``).
+
+    Raises:
+        FileNotFoundError: no SentencePiece model at ``path``.
+    """
+    path = os.fspath(path)
+    vocab_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
+    if not os.path.isfile(vocab_file):
+        raise FileNotFoundError(f"no SentencePiece model at {vocab_file!r} (path={path!r})")
+    kwargs.setdefault("add_bos_token", True)
+    kwargs.setdefault("add_eos_token", False)
+    kwargs.setdefault("legacy", True)
+    # Constructing LlamaTokenizer(vocab_file=...) directly gives a tokenizer that encodes nothing in
+    # transformers 5.x; from_pretrained on a directory holding tokenizer.model converts it properly.
+    if os.path.basename(vocab_file) == "tokenizer.model":
+        tokenizer = LlamaTokenizer.from_pretrained(os.path.dirname(vocab_file) or ".", **kwargs)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(vocab_file, os.path.join(tmp, "tokenizer.model"))
+            tokenizer = LlamaTokenizer.from_pretrained(tmp, **kwargs)
+    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
+        # LLaMA's SentencePiece model has no padding piece; LongLLaMA's config pads with id 0 (<unk>)
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer

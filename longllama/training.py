@@ -1,0 +1,307 @@
+"""Focused Transformer (FoT) training of a small LongLLaMA on synthetic long-context documents.
+
+One step: draw D documents (needles in filler, :mod:`longllama.training_data`), split each into windows
+of ``W = max_position_embeddings`` tokens, run every window as one row of a batch, and let the memory
+layers attend to the crossbatch memory of :mod:`longllama.crossbatch` (earlier windows of the same
+document, plus negatives from other documents). All windows of a document run in parallel, which
+computes exactly what sequential inference with a dense memory computes, with gradients flowing
+through memory into earlier windows.
+
+Loss: next-token cross-entropy over the concatenated windows (a window's last token predicts the next
+window's first), plus ``answer_weight`` times the mean over the answer tokens.
+
+    python -m longllama.training --out runs/tiny --steps 1500
+
+Checkpoints (``checkpoint.pt``) are written atomically every ``--save-every`` steps; ``--resume``
+continues a run exactly (model, optimizer, schedule, step, loss log; data is a function of the step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from longllama.cache import LongLlamaCache
+from longllama.configuration import LongLlamaConfig
+from longllama.crossbatch import CrossBatchPlan, make_plan, parse_mix
+from longllama.modeling import LongLlamaForCausalLM, WindowContext, build_attention_mask
+from longllama.rope import relative_positions
+from longllama.tokenizer import load_tokenizer
+from longllama.tokenizer_training import train_tokenizer
+from longllama.training_data import encode_document, make_document
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved with every checkpoint and in the model card)."""
+
+    # model
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    window: int = 128  # max_position_embeddings: window, RoPE size and local-cache capacity
+    mem_layers: list[int] = field(default_factory=lambda: [1, 2])
+    # data
+    windows_per_doc: int = 4
+    docs_per_batch: int = 16
+    min_doc_tokens: int = 64
+    # FoT crossbatch: (positives, negatives) per document, cycled; None positives = all earlier windows
+    mix: str = "all:0"
+    # optimisation
+    steps: int = 1500
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+    answer_weight: float = 2.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 2
+    save_every: int = 100
+
+
+def model_config(cfg: TrainConfig) -> LongLlamaConfig:
+    """The LongLLaMA config of the trained model."""
+    return LongLlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.window,
+        mem_layers=list(cfg.mem_layers),
+        mem_dtype="bfloat16",
+        last_context_length=cfg.window,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+    )
+
+
+@dataclass
+class Batch:
+    """One training batch, windows as rows."""
+
+    input_ids: torch.Tensor  # [R, W]
+    real: torch.Tensor  # [R, W] bool
+    targets: torch.Tensor  # [R, W] next token (-100 where none)
+    answer: torch.Tensor  # [R, W] bool: the target is an answer token
+    plan: CrossBatchPlan
+
+
+def make_batch(cfg: TrainConfig, tokenizer, step: int) -> Batch:
+    """The batch of ``step`` (a pure function of the seed and the step, so runs resume exactly)."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    W, nw = cfg.window, cfg.windows_per_doc
+    max_len = W * nw
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    docs = []
+    while len(docs) < cfg.docs_per_batch:
+        # random document end: anywhere from min_doc_tokens to the full nw windows
+        target = rng.randint(cfg.min_doc_tokens, max_len)
+        n_chars = max(0, int((target - 60) * 2.8))
+        out = encode_document(make_document(rng, n_chars), encode, tokenizer.bos_token_id)
+        if out is None or len(out[0]) > max_len:
+            continue
+        docs.append(out)
+    rows: list[tuple[int, int]] = []
+    ids, real, targets, answer = [], [], [], []
+    for j, (tokens, ans_mask) in enumerate(docs):
+        n = len(tokens)
+        for w in range(math.ceil(n / W)):
+            lo, hi = w * W, min((w + 1) * W, n)
+            row_ids = tokens[lo:hi] + [0] * (W - (hi - lo))
+            row_real = [True] * (hi - lo) + [False] * (W - (hi - lo))
+            nxt = [tokens[t + 1] if t + 1 < n else -100 for t in range(lo, hi)] + [-100] * (W - (hi - lo))
+            ans = [ans_mask[t + 1] if t + 1 < n else False for t in range(lo, hi)] + [False] * (W - (hi - lo))
+            rows.append((j, w))
+            ids.append(row_ids)
+            real.append(row_real)
+            targets.append(nxt)
+            answer.append(ans)
+    plan = make_plan(rows, parse_mix(cfg.mix), rng)
+    return Batch(
+        input_ids=torch.tensor(ids),
+        real=torch.tensor(real),
+        targets=torch.tensor(targets),
+        answer=torch.tensor(answer),
+        plan=plan,
+    )
+
+
+def crossbatch_logits(
+    model: LongLlamaForCausalLM, input_ids: torch.Tensor, real: torch.Tensor, plan: CrossBatchPlan
+) -> torch.Tensor:
+    """Logits [R, W, V] of R windows run side by side, memory layers attending to ``plan``'s sources.
+
+    Each row is a no-local-cache window (positions 0..W-1, causal + padding mask), exactly as a prefix
+    window at inference; nothing is stored anywhere.
+    """
+    R, W = input_ids.shape
+    inner = model.model
+    hidden = inner.embed_tokens(input_ids)  # [R, W, D]
+    positions = torch.arange(W, device=input_ids.device).expand(R, W)
+    cos, sin = inner.rope.lookup(relative_positions(positions), hidden.dtype)
+    state = LongLlamaCache(model.config)
+    state.prepare(R, hidden.device)
+    window = WindowContext(
+        attention_mask=build_attention_mask(real, W, hidden.dtype),
+        cos=cos,
+        sin=sin,
+        cache=state,
+        use_cache=False,
+        memory_after_attention=False,
+        real=real,
+        crossbatch=plan,
+    )
+    for layer in inner.layers:
+        hidden = layer(hidden, window)
+    return model.lm_head(inner.norm(hidden))
+
+
+def batch_loss(
+    model: LongLlamaForCausalLM, batch: Batch, answer_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of a batch and its metrics (LM loss, answer loss, answer-token accuracy)."""
+    logits = crossbatch_logits(model, batch.input_ids, batch.real, batch.plan)  # [R, W, V]
+    V = logits.shape[-1]
+    ce = F.cross_entropy(logits.reshape(-1, V).float(), batch.targets.reshape(-1), reduction="none")
+    ce = ce.view_as(batch.targets.float())
+    has_target = batch.targets != -100
+    lm = (ce * has_target).sum() / has_target.sum().clamp_min(1)
+    ans = batch.answer
+    ans_loss = (ce * ans).sum() / ans.sum().clamp_min(1)
+    loss = lm + answer_weight * ans_loss
+    with torch.no_grad():
+        pred = logits.argmax(dim=-1)
+        ans_acc = ((pred == batch.targets) & ans).sum().item() / max(int(ans.sum()), 1)
+    return loss, {"loss": loss.item(), "lm": lm.item(), "answer_loss": ans_loss.item(), "answer_acc": ans_acc}
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) a run in ``out_dir``; writes ``model/`` (checkpoint + tokenizer) at the end.
+
+    Returns the ``model/`` directory, loadable with ``LongLlamaForCausalLM.from_pretrained``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.model").is_file():
+        train_tokenizer(tok_dir, vocab_size=cfg.vocab_size, seed=cfg.seed)
+    tokenizer = load_tokenizer(tok_dir)
+    model = LongLlamaForCausalLM(model_config(cfg))
+    model.train()
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    log: list[dict] = []
+    start_step = 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["train_config"] != asdict(cfg):
+            raise ValueError("--resume: the checkpoint was made with a different training config")
+        model.load_state_dict(ckpt["model"])
+        optim.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_step, log = ckpt["step"], ckpt["log"]
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not progress)
+    t_last, tokens = time.perf_counter(), 0
+    for step in bar:
+        batch = make_batch(cfg, tokenizer, step)
+        for group in optim.param_groups:
+            group["lr"] = _lr(cfg, step)
+        loss, metrics = batch_loss(model, batch, cfg.answer_weight)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optim.step()
+        tokens += int(batch.real.sum())
+        now = time.perf_counter()
+        metrics.update(step=step + 1, lr=_lr(cfg, step), seconds=now - t_last, tokens=int(batch.real.sum()))
+        log.append(metrics)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}",
+            ans_acc=f"{metrics['answer_acc']:.2f}",
+            tok_s=f"{tokens / (now - t_last):.0f}",
+        )
+        t_last, tokens = now, 0
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            _atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optim.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "step": step + 1,
+                    "log": log,
+                    "train_config": asdict(cfg),
+                },
+                ckpt_path,
+            )
+    (out / "log.jsonl").write_text("".join(json.dumps(m) + "\n" for m in log))
+    model_dir = out / "model"
+    model.eval()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(prog="longllama-train", description="FoT training of a small LongLLaMA.")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model/)")
+    p.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, list):
+            p.add_argument(flag, type=lambda s: [int(x) for x in s.split(",")], default=value)
+        else:
+            p.add_argument(flag, type=type(value), default=value)
+    args = p.parse_args(argv)
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    try:
+        parse_mix(cfg.mix)
+        model_dir = train(cfg, args.out, resume=args.resume)
+    except ValueError as err:
+        print(f"longllama-train: error: {err}", file=sys.stderr)
+        return 2
+    print(f"model written to {model_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
