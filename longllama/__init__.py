@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from longllama.cache import LongLlamaCache
 from longllama.configuration import LongLlamaConfig
+from longllama.embedded import embedded_model_path
 from longllama.modeling import LongLlamaForCausalLM, LongLlamaModel, LongLlamaPreTrainedModel
 from longllama.tokenizer import load_tokenizer
 from longllama.windows import split_windows
@@ -27,6 +28,7 @@ __all__ = [
     "LongLlamaForCausalLM",
     "LongLlamaModel",
     "LongLlamaPreTrainedModel",
+    "embedded_model_path",
     "load_tokenizer",
     "split_windows",
 ]

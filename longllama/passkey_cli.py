@@ -51,7 +51,7 @@ def parse_backend(text: str) -> dict:
 
 def _label(settings: dict, top_k: int | None, params: dict) -> str:
     if settings["mem_backend"] == "exact":
-        return "exact" if top_k is None else f"exact/top{top_k}"
+        return "exact (dense)"
     extra = ",".join(f"{k}={v}" for k, v in params.items())
     return f"faiss:{settings['mem_index']}/top{top_k or 128}" + (f"/{extra}" if extra else "")
 
@@ -133,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         grouping = None if args.grouping is None else tuple(int(x) for x in args.grouping.split(","))
+        from transformers.utils import logging as hf_logging
+
         from longllama import LongLlamaForCausalLM, embedded_model_path, load_tokenizer
         from longllama.modeling import check_memory_settings
+
+        hf_logging.set_verbosity_error()  # keep stderr for our own one-line errors
+        hf_logging.disable_progress_bar()
 
         model_path = Path(args.model) if args.model else embedded_model_path()
         if not (model_path / "config.json").is_file():

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -83,7 +84,7 @@ def model_config(cfg: TrainConfig) -> LongLlamaConfig:
         max_position_embeddings=cfg.window,
         mem_layers=list(cfg.mem_layers),
         mem_dtype="bfloat16",
-        last_context_length=cfg.window,
+        last_context_length=cfg.window // 2,  # room for generated tokens before the local cache flushes
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
@@ -211,8 +212,18 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
     """Train (or resume) a run in ``out_dir``; writes ``model/`` (checkpoint + tokenizer) at the end.
+
+    ``stop_after`` ends the run after that many steps of the schedule planned for ``cfg.steps``
+    (the learning rate follows the full schedule).
 
     Returns the ``model/`` directory, loadable with ``LongLlamaForCausalLM.from_pretrained``.
     """
@@ -239,7 +250,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         torch.set_rng_state(ckpt["torch_rng"])
         start_step, log = ckpt["step"], ckpt["log"]
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not progress)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(start_step, end), initial=start_step, total=end, disable=not progress)
     t_last, tokens = time.perf_counter(), 0
     for step in bar:
         batch = make_batch(cfg, tokenizer, step)
@@ -260,7 +272,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             tok_s=f"{tokens / (now - t_last):.0f}",
         )
         t_last, tokens = now, 0
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
             _atomic_save(
                 {
                     "model": model.state_dict(),
@@ -272,12 +284,31 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
                 },
                 ckpt_path,
             )
+    return export(out, model, log)
+
+
+def export(out: Path, model: LongLlamaForCausalLM, log: list[dict]) -> Path:
+    """Write the run's log and ``out/model`` (safetensors weights, config, SentencePiece tokenizer)."""
     (out / "log.jsonl").write_text("".join(json.dumps(m) + "\n" for m in log))
     model_dir = out / "model"
     model.eval()
     model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    for name in (
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ):  # the SentencePiece model itself, as upstream ships
+        shutil.copyfile(out / "tokenizer" / name, model_dir / name)
     return model_dir
+
+
+def export_checkpoint(run_dir: str | Path) -> Path:
+    """``out/model`` from the run's latest checkpoint (a run stopped early is still usable)."""
+    out = Path(run_dir)
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    cfg = TrainConfig(**ckpt["train_config"])
+    model = LongLlamaForCausalLM(model_config(cfg))
+    model.load_state_dict(ckpt["model"])
+    return export(out, model, ckpt["log"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="longllama-train", description="FoT training of a small LongLLaMA.")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model/)")
     p.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
+    p.add_argument("--export", action="store_true", help="only write out/model from out/checkpoint.pt")
+    p.add_argument("--stop-after", type=int, default=None, help="end after this many steps of the schedule")
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, list):
@@ -295,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     try:
         parse_mix(cfg.mix)
-        model_dir = train(cfg, args.out, resume=args.resume)
+        model_dir = (
+            export_checkpoint(args.out)
+            if args.export
+            else train(cfg, args.out, resume=args.resume, stop_after=args.stop_after)
+        )
     except ValueError as err:
         print(f"longllama-train: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,109 @@
+"""Passkey retrieval: prompts, the embedded model answering one, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from longllama import LongLlamaForCausalLM, embedded_model_path, load_tokenizer
+from longllama.passkey import NEEDLE, QUESTION, make_prompt, prompt_text, run_passkey
+from longllama.passkey_cli import main, parse_backend, parse_length
+from longllama.training_data import EVAL_FILLER, TASK
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    torch.set_num_threads(1)
+    path = embedded_model_path()
+    return LongLlamaForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+
+
+def test_prompt_is_upstreams():
+    text, key = prompt_text(500, seed=7, depth=0.5)
+    lines = text.split("\n")
+    assert lines[0] == TASK and lines[2] == NEEDLE.format(key=key) and lines[4] == QUESTION
+    assert 1 <= key < 50000
+    assert len(lines[1]) + len(lines[3]) == 500 and len(lines[1]) == 250
+    assert lines[1] == (" ".join([EVAL_FILLER] * 10))[:250]
+    assert prompt_text(500, seed=7)[1] == key  # the key depends on the seed only
+    assert prompt_text(500, seed=8)[1] != key
+
+
+def test_prompt_length_in_tokens(embedded):
+    _, tok = embedded
+    for n in (256, 2048):
+        p = make_prompt(tok, n, seed=1)
+        assert abs(p.n_tokens - n) <= max(2, n // 500)
+        assert p.input_ids.shape == (1, p.n_tokens)
+        assert tok.decode(p.answer_ids).strip() == str(p.key)
+    with pytest.raises(ValueError, match="n_tokens"):
+        make_prompt(tok, 10, seed=1)
+
+
+def test_embedded_model_answers_a_passkey(embedded):
+    model, tok = embedded
+    assert model.config.mem_layers and model.config.max_position_embeddings < 1024
+    correct = 0
+    for seed in range(3):
+        prompt = make_prompt(tok, 1024, seed=seed)  # 16 windows: the needle is only reachable through memory
+        correct += run_passkey(model, tok, prompt, label="exact").correct
+    assert correct == 3
+
+
+def test_memory_is_what_answers(embedded):
+    """Without memory layers the needle is out of reach: the model must fail."""
+    model, tok = embedded
+    saved = model.config.mem_layers
+    no_memory = LongLlamaForCausalLM.from_pretrained(embedded_model_path(), mem_layers=[]).eval()
+    prompt = make_prompt(tok, 1024, seed=0, depth=0.1)
+    assert not run_passkey(no_memory, tok, prompt).correct
+    assert model.config.mem_layers == saved
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "pk"
+    rc = main(
+        ["--lengths", "256,512", "--seeds", "2", "--backend", "exact", "--backend", "faiss:Flat", "--top-k", "16",
+         "--threads", "1", "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2
+    assert {r["backend"] for r in rows} == {"exact (dense)", "faiss:Flat/top16"}
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert {(r["backend"], r["length"]) for r in summary} == {
+        (b, n) for b in ("exact (dense)", "faiss:Flat/top16") for n in (256, 512)
+    }
+    assert (out / "passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "acc %" in capsys.readouterr().out
+    # resuming skips every finished run
+    assert main(["--lengths", "256,512", "--seeds", "2", "--backend", "exact", "--backend", "faiss:Flat",
+                 "--top-k", "16", "--out", str(out), "--resume", "--no-progress"]) == 0  # fmt: skip
+    assert len((out / "results.jsonl").read_text().splitlines()) == 8
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lengths", "12"], "below 64"),
+        (["--lengths", "abc"], "token count"),
+        (["--backend", "bogus"], "exact"),
+        (["--backend", "faiss:NotAnIndex"], "NotAnIndex"),
+        (["--depths", "1.5"], "depths"),
+        (["--seeds", "0"], "seeds"),
+        (["--model", "/nonexistent/dir"], "config.json"),
+    ],
+)
+def test_cli_bad_arguments(argv, message, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_parsers():
+    assert parse_length("4k") == 4096 and parse_length("1m") == 1 << 20 and parse_length("1500") == 1500
+    assert parse_backend("faiss:IVF64,Flat") == {"mem_backend": "faiss", "mem_index": "IVF64,Flat"}
+    with pytest.raises(ValueError, match="no index"):
+        parse_backend("exact:Flat")
