@@ -16,8 +16,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $@
 
+# the main job: passkey retrieval on the embedded model, exact dense memory vs Faiss top-k
 demo: setup
-	$(PY) -m knn_memory.agreement_cli --backend faiss --index IVF256,Flat --nprobe 32 --source attention --keys 32768 --queries 512 --heads 4 --k 128
+	$(PY) -m longllama.passkey_cli --lengths 4k,16k --seeds 3 --backend exact --backend faiss:Flat \
+		--backend faiss:HNSW32 --top-k 32 --efSearch 128 --threads 1 --out passkey_results
 
 test: setup
 	$(PY) -m ruff check .

@@ -7,7 +7,7 @@ Faiss assertion aborts the process instead of raising.
 from indexes.gpu import MAX_GPU_K, MAX_GPU_NPROBE, faiss_has_gpu, parse_device
 from indexes.spec import IndexSpec, parse_spec
 from indexes.streaming import StreamingIndex, check_k
-from indexes.threads import default_threads, faiss_threads, fan_out, set_faiss_threads
+from indexes.threads import default_threads, faiss_threads, fan_out, fork_safe_context, set_faiss_threads
 
 __all__ = [
     "MAX_GPU_K",
@@ -19,6 +19,7 @@ __all__ = [
     "faiss_has_gpu",
     "faiss_threads",
     "fan_out",
+    "fork_safe_context",
     "parse_device",
     "parse_spec",
     "set_faiss_threads",

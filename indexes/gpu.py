@@ -38,6 +38,7 @@ def parse_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"device {device!r} is not a device string such as 'cpu' or 'cuda:0'") from None
     if dev.type == "cpu":
         return torch.device("cpu")
+    device = str(device)  # named as given, "cuda:0" rather than device(type='cuda', index=0)
     if dev.type != "cuda":
         raise ValueError(f"device {device!r}: only 'cpu' and 'cuda[:N]' are supported")
     if not torch.cuda.is_available():

@@ -67,6 +67,14 @@ def _to_numpy(x: torch.Tensor) -> np.ndarray:
     return x.cpu().numpy() if x.device.type != "cpu" else x.numpy()
 
 
+def _hnsw_of(index: faiss.Index) -> faiss.HNSW | None:
+    """The HNSW graph of an (optionally pre-transformed) HNSW index, else None."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return getattr(index, "hnsw", None)
+
+
 class StreamingIndex:
     """Keys of one (row, head) memory, searchable by inner product.
 
@@ -191,17 +199,31 @@ class StreamingIndex:
         n = x.shape[0]
         if n == 0:
             return
+        before = self._ntotal
         self._append_chunks(x)
         if self._index is not None:
-            self._index.add(_to_numpy(x))
             if (
                 self.spec.needs_training
                 and self.retrain_factor is not None
                 and self._ntotal >= self.retrain_factor * self.trained_at
             ):
                 self._build()  # retrain on a fresh sample; an index without training (HNSW) just grows
+            else:
+                self._index_add(self._index, x, before)
         elif not self.spec.is_flat and self._ntotal >= max(self.min_train_points, 1):
             self._build()
+
+    def _index_add(self, index: faiss.Index, x: torch.Tensor, start: int) -> None:
+        """Add keys ``x`` [m, d], the keys from number ``start`` on, to ``index``.
+
+        HNSW draws a random level for every new key from a generator that an index written to disk
+        does not keep. Seeding it from (seed, ``start``) before each add makes the graph a function of
+        the keys alone, so a loaded or cloned index grows exactly like the original.
+        """
+        hnsw = _hnsw_of(index)
+        if hnsw is not None:
+            hnsw.rng = faiss.RandomGenerator((self.seed * 1_000_003 + start) % (2**63))
+        index.add(_to_numpy(x))
 
     def _append_chunks(self, x: torch.Tensor) -> None:
         # Chunk capacities double from FIRST_CHUNK up to chunk_size: small memories stay small and
@@ -231,6 +253,9 @@ class StreamingIndex:
         return torch.cat(views)
 
     def _build(self) -> None:
+        # Drop the previous index first: holding it while its replacement is filled would double the
+        # memory of this index for the duration of every retraining.
+        self._index = None
         index = build_index(self.spec)
         if self.spec.needs_training:
             n = self._ntotal
@@ -245,8 +270,10 @@ class StreamingIndex:
         apply_search_params(index, self.search_params)
         if self.device.type == "cuda":
             index = index_to_gpu(index, self.device.index)
+        start = 0
         for view in self._chunk_views():
-            index.add(_to_numpy(view))
+            self._index_add(index, view, start)
+            start += view.shape[0]
         self._index = index
         self.trained_at = self._ntotal
 

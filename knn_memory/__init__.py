@@ -17,7 +17,7 @@ from knn_memory.agreement import AgreementReport, compare_backends, measure_agre
 from knn_memory.attention import memory_attention
 from knn_memory.backend import MemoryBackend, resolve_dtype
 from knn_memory.exact import ExactBackend
-from knn_memory.faiss_backend import FaissBackend
+from knn_memory.faiss_backend import FaissBackend, search_knobs
 from knn_memory.hits import MemoryHits
 from knn_memory.persistence import load_backend, save_backend
 from knn_memory.registry import available_backends, backend_class, create_backend, register_backend
@@ -38,4 +38,5 @@ __all__ = [
     "register_backend",
     "resolve_dtype",
     "save_backend",
+    "search_knobs",
 ]

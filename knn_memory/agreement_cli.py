@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--keys must be >= 1, got {args.keys}")
         if args.queries < 1:
             raise ValueError(f"--queries must be >= 1, got {args.queries}")
+        if args.k > args.keys:
+            raise ValueError(f"--k ({args.k}) must not exceed --keys ({args.keys})")
+        if args.json and os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json!r} is a directory; give a file name")
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise ValueError(f"--json {args.json!r}: its directory does not exist")
         keys, values, queries = make_memory(
@@ -76,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         report = measure_agreement(keys, values, queries, args.backend, mem_dtype=args.mem_dtype, **options)
     except (_BadArguments, ValueError, TypeError) as err:
         print(f"knn-memory-agreement: error: {err}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:  # sizes too large for this machine
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(
+            f"knn-memory-agreement: error: these sizes need more memory than is available ({reason})",
+            file=sys.stderr,
+        )
         return 2
     print(f"{args.backend} {args.index or ''} k={report.k} source={args.source} N={args.keys} d={args.dim}")
     print(f"{'head':>4} {'recall':>8} {'rec p01':>8} {'mass':>8} {'mass p01':>8} {'rel err':>8}")

@@ -138,8 +138,9 @@ def memory_attention(
                 scores = scores + m
             scores = torch.clamp_min(scores, floor)
             if use_memory:
-                hits = memory.search(qg, k=top_k, heads=hs)
-                mem_scores = torch.clamp_min(hits.scores.to(dtype) / inv_scale, floor)
+                # the memory may live on another device (mem_device): search there, attend here
+                hits = memory.search(qg.to(memory.device), k=top_k, heads=hs)
+                mem_scores = torch.clamp_min(hits.scores.to(query.device, dtype) / inv_scale, floor)
                 probs = F.softmax(torch.cat([scores, mem_scores], dim=-1), dim=-1, dtype=torch.float32).to(
                     dtype
                 )

@@ -46,6 +46,9 @@ class MemoryBackend(abc.ABC):
         mem_dtype: storage dtype of keys and values (keys are rounded to it before indexing).
         device: where the memory lives.
         top_k: entries returned per query (``None``: backend default).
+
+    Threads: searches may run from several threads at once (they only read); ``add``, ``reset`` and
+    ``reorder`` must not overlap with any other call on the same memory.
     """
 
     #: registry name, set by :func:`knn_memory.registry.register_backend`

@@ -15,7 +15,7 @@ import torch
 from knn_memory.backend import MemoryBackend
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
-from knn_memory.storage import ChunkedTensor, gather_values
+from knn_memory.storage import ChunkedTensor, compact, gather_values
 
 DEFAULT_CHUNK = 4096
 
@@ -92,7 +92,10 @@ class ExactBackend(MemoryBackend):
             value_views = [torch.empty(B, h, 0, self.head_dim, dtype=self.mem_dtype, device=self.device)]
         if len(key_views) <= 1 or (torch.is_grad_enabled() and queries.requires_grad):
             parts = [torch.matmul(queries, kv.to(queries.dtype).transpose(-1, -2)) for kv in key_views]
-            scores = torch.cat(parts, dim=-1).float() if parts else queries.new_zeros(B, h, q, 0).float()
+            if not parts:
+                scores = queries.new_zeros(B, h, q, 0).float()
+            else:
+                scores = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).float()
         else:
             scores = torch.empty(B, h, q, M, dtype=torch.float32, device=self.device)
             start = 0
@@ -101,7 +104,10 @@ class ExactBackend(MemoryBackend):
                 scores[..., start:stop] = torch.matmul(queries, kv.to(queries.dtype).transpose(-1, -2))
                 start = stop
         pad = ~valid[:, None, None, :]
-        scores = scores.masked_fill(pad, float("-inf"))
+        if scores.requires_grad:
+            scores = scores.masked_fill(pad, float("-inf"))
+        else:  # scores [B, h, q, M] is ours: no second copy of the largest tensor of a dense search
+            scores.masked_fill_(pad, float("-inf"))
         # ids count real entries only (the i-th real entry of a row has id i), as in every backend
         entry_ids = torch.where(valid, valid.cumsum(dim=-1) - 1, -1)  # [B, M]
         if k is None:
@@ -157,9 +163,9 @@ class ExactBackend(MemoryBackend):
         keys, values, valid = self.keys_values()
         return {
             "config": {**self.config(), "chunk_size": self.chunk_size},
-            "keys": keys.detach().cpu(),
-            "values": values.detach().cpu(),
-            "valid": valid.cpu(),
+            "keys": compact(keys.cpu()),
+            "values": compact(values.cpu()),
+            "valid": compact(valid.cpu()),
         }
 
     @classmethod

@@ -17,7 +17,7 @@ from indexes import StreamingIndex, fan_out, parse_spec
 from knn_memory.backend import MemoryBackend
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
-from knn_memory.storage import ChunkedTensor, gather_values
+from knn_memory.storage import ChunkedTensor, compact, gather_values
 
 DEFAULT_TOP_K = 128
 VALUE_CHUNK = 4096
@@ -175,7 +175,7 @@ class FaissBackend(MemoryBackend):
         return {
             "config": self.config(),
             "rows": [[ix.state() for ix in row] for row in self._rows],
-            "values": [v.full().cpu() for v in self._values],
+            "values": [compact(v.full().cpu()) for v in self._values],
         }
 
     @classmethod
@@ -184,7 +184,8 @@ class FaissBackend(MemoryBackend):
         rows, values = state["rows"], state["values"]
         if len(rows) != new.batch_size or len(values) != new.batch_size:
             raise ValueError(
-                f"saved memory has {len(rows)} rows, its config says batch_size={new.batch_size}"
+                f"saved memory has {len(rows)} rows of keys and {len(values)} of values, "
+                f"its config says batch_size={new.batch_size}"
             )
         for b in range(new.batch_size):
             if len(rows[b]) != new.num_heads:
@@ -200,3 +201,8 @@ class FaissBackend(MemoryBackend):
                 )
             new._values[b].append(v.to(new.device, new.mem_dtype))
         return new
+
+
+def search_knobs(index: str, head_dim: int) -> tuple[str, ...]:
+    """Search-time knobs (``nprobe``, ``efSearch``) that the Faiss ``index`` string accepts at ``head_dim``."""
+    return parse_spec(index, head_dim).search_params

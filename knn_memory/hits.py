@@ -43,12 +43,12 @@ class MemoryHits:
         """Sum of values weighted by ``probs`` [B, h, q, k] -> [B, h, q, d] (dtype of ``probs``)."""
         if self.value_chunks is None:
             assert self.values is not None
-            return torch.einsum("bhqk,bhqkd->bhqd", probs, self.values.to(probs.dtype))
+            return torch.einsum("bhqk,bhqkd->bhqd", probs, self.values.to(probs.device, probs.dtype))
         out = None
         start = 0
         for chunk in self.value_chunks:
             stop = start + chunk.shape[-2]
-            part = torch.matmul(probs[..., start:stop], chunk.to(probs.dtype))
+            part = torch.matmul(probs[..., start:stop], chunk.to(probs.device, probs.dtype))
             out = part if out is None else out + part
             start = stop
         if out is None:

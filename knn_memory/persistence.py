@@ -1,15 +1,23 @@
-"""Saving a memory backend to a directory and loading it back, atomically and checksummed.
+"""Saving memories to a directory and loading them back, atomically and checksummed.
+
+This module is the one place that writes and reads saved memories. Two formats share its layout:
+``FORMAT`` (one backend, :func:`save_backend` / :func:`load_backend`) and ``CACHE_FORMAT`` (a model's
+whole cache: one backend per memory layer plus the model's local state, written by the model package
+through :func:`write_version` / :func:`read_version`).
 
 Layout of a saved memory directory::
 
     path/
       CURRENT              name of the live version folder (replaced atomically)
-      v-<id>/meta.json     format version, backend name, config, sha256 and size of state.pt
-      v-<id>/state.pt      the backend's tensors (torch.save, loaded with weights_only=True)
+      v-<id>/meta.json     format, format version, description, sha256 and size of every file
+      v-<id>/<name>.pt     tensors and plain values (torch.save, loaded with weights_only=True)
 
-A save writes a new version folder, fsyncs it, then atomically replaces ``CURRENT``, then removes
-older versions. A process killed at any point leaves either the previous memory or the new one
-loadable, never a half-written one.
+A save writes a new version folder (files written, flushed and fsynced under a temporary name, then
+renamed), then atomically replaces ``CURRENT``, then removes older versions. A process killed at any
+point leaves either the previous memory or the new one loadable, never a half-written one; a failed
+write (``OSError``) raises and leaves the previous memory in place. One writer per directory at a
+time; readers may run while a writer saves (a reader that loses the race to the writer's clean-up
+retries on the new version).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,8 +36,11 @@ from knn_memory.backend import MemoryBackend
 from knn_memory.registry import backend_class
 
 FORMAT = "knn-memory/backend"
+CACHE_FORMAT = "knn-memory/cache"
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
+# names this module creates inside a memory directory (anything else there is left alone)
+_OWN_PREFIXES = ("v-", ".tmp-v-", f".{CURRENT}.")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,26 +59,60 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_version(root: str | os.PathLike, files: dict[str, object], meta: dict) -> Path:
-    """Write ``files`` (name -> torch-saveable object) and ``meta.json`` as a new live version of ``root``.
-
-    ``meta`` gets the checksums; ``CURRENT`` is switched only once everything is on disk.
-    """
-    root = Path(root)
+def _check_target(root: Path) -> None:
+    """Refuse a path that is a file, or a non-empty directory that is not a saved memory."""
     if root.exists() and not root.is_dir():
         raise ValueError(f"path {str(root)!r} exists and is not a directory")
-    root.mkdir(parents=True, exist_ok=True)
+    if root.is_dir():
+        foreign = [
+            p.name for p in root.iterdir() if p.name != CURRENT and not p.name.startswith(_OWN_PREFIXES)
+        ]
+        if foreign and not (root / CURRENT).is_file():
+            raise ValueError(
+                f"path {str(root)!r} is a non-empty directory that holds no saved memory "
+                f"(it has {sorted(foreign)[:3]}); refusing to write into it"
+            )
+
+
+def write_version(
+    root: str | os.PathLike, files: dict[str, object | Callable[[], object]], meta: dict
+) -> Path:
+    """Write ``files`` and ``meta.json`` as a new live version of directory ``root``.
+
+    Args:
+        root: the memory directory (created if missing; an existing one must be a saved memory or empty).
+        files: file name -> a torch-saveable object, or a function returning one; functions are called one
+            at a time, just before their file is written, so only one large state is in memory at once.
+        meta: JSON-serialisable description; it gets ``files`` (sha256 and size of each file).
+
+    ``CURRENT`` is switched only once every file is on disk. Returns the new version folder.
+
+    Raises:
+        ValueError: ``root`` is a file, or a directory with other content.
+        OSError: a write failed; the previous version (if any) is still the live one and nothing
+            half-written is left behind.
+    """
+    root = Path(root)
+    _check_target(root)
+    if not root.is_dir():
+        root.mkdir(parents=True)
+        _fsync_dir(root.parent)
     name = f"v-{uuid.uuid4().hex[:12]}"
     tmp = root / f".tmp-{name}"
+    pointer = root / f".{CURRENT}.{name}"
+    switched = False
     tmp.mkdir()
     try:
         checksums = {}
         for fname, obj in files.items():
+            if callable(obj):
+                obj = obj()
             fpath = tmp / fname
             with open(fpath, "wb") as f:
                 torch.save(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
+            del obj
             checksums[fname] = {"sha256": _sha256(fpath), "bytes": fpath.stat().st_size}
         meta = {**meta, "files": checksums}
         with open(tmp / "meta.json", "w") as f:
@@ -76,19 +122,21 @@ def write_version(root: str | os.PathLike, files: dict[str, object], meta: dict)
         _fsync_dir(tmp)
         os.replace(tmp, root / name)
         _fsync_dir(root)
-        pointer = root / f".{CURRENT}.{name}"
         with open(pointer, "w") as f:
             f.write(name + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer, root / CURRENT)
+        switched = True
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(root / name, ignore_errors=True)
+        pointer.unlink(missing_ok=True)
+        if not switched:  # once CURRENT names the new version, it is complete and live: keep it
+            shutil.rmtree(root / name, ignore_errors=True)
         raise
     for old in root.iterdir():  # previous versions and leftovers of interrupted saves
-        if old.name != name and (old.name.startswith(("v-", ".tmp-v-", f".{CURRENT}."))):
+        if old.name != name and old.name.startswith(_OWN_PREFIXES):
             if old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
             else:
@@ -96,8 +144,21 @@ def write_version(root: str | os.PathLike, files: dict[str, object], meta: dict)
     return root / name
 
 
+def _live_version(root: Path) -> str:
+    pointer = root / CURRENT
+    try:
+        return pointer.read_text().strip()
+    except FileNotFoundError:
+        raise ValueError(f"path {str(root)!r} holds no saved memory (no {CURRENT} file)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"path {str(root)!r}: unreadable {CURRENT} file ({err})") from None
+
+
 def read_version(root: str | os.PathLike, expect_format: str) -> tuple[dict, dict[str, object]]:
     """Read the live version of ``root``: (meta, name -> loaded object), after verifying every checksum.
+
+    Tensors are memory-mapped from their files (``torch.load(mmap=True)``), so loading does not hold
+    a second copy of a large memory: callers copy what they keep.
 
     Raises:
         ValueError: missing or foreign directory, unknown format or version, checksum mismatch,
@@ -106,16 +167,24 @@ def read_version(root: str | os.PathLike, expect_format: str) -> tuple[dict, dic
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"path {str(root)!r} is not a saved memory directory")
-    pointer = root / CURRENT
-    if not pointer.is_file():
-        raise ValueError(f"path {str(root)!r} holds no saved memory (no {CURRENT} file)")
-    name = pointer.read_text().strip()
+    for attempt in range(3):
+        name = _live_version(root)
+        try:
+            return _read(root, name, expect_format)
+        except ValueError:
+            # a writer may have switched CURRENT and removed this version while it was being read
+            if attempt == 2 or _live_version(root) == name:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read(root: Path, name: str, expect_format: str) -> tuple[dict, dict[str, object]]:
     version = root / name
     if not name.startswith("v-") or "/" in name or not version.is_dir():
         raise ValueError(f"path {str(root)!r}: {CURRENT} names {name!r}, which is not a saved version")
     try:
         meta = json.loads((version / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"path {str(root)!r}: unreadable meta.json ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != expect_format:
         raise ValueError(
@@ -127,15 +196,18 @@ def read_version(root: str | os.PathLike, expect_format: str) -> tuple[dict, dic
             f"path {str(root)!r} has format version {meta.get('format_version')!r}; "
             f"this library reads version {FORMAT_VERSION}"
         )
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(isinstance(info, dict) for info in files.values()):
+        raise ValueError(f"path {str(root)!r}: meta.json lists no files")
     loaded = {}
-    for fname, info in meta.get("files", {}).items():
+    for fname, info in files.items():
         fpath = version / fname
-        if not fpath.is_file():
+        if not isinstance(fname, str) or "/" in fname or not fpath.is_file():
             raise ValueError(f"path {str(root)!r}: file {fname} is missing")
         if fpath.stat().st_size != info.get("bytes") or _sha256(fpath) != info.get("sha256"):
             raise ValueError(f"path {str(root)!r}: file {fname} is corrupt or truncated (checksum mismatch)")
         try:
-            loaded[fname] = torch.load(fpath, map_location="cpu", weights_only=True)
+            loaded[fname] = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:
             raise ValueError(
                 f"path {str(root)!r}: file {fname} cannot be read ({type(err).__name__})"
@@ -153,7 +225,7 @@ def save_backend(backend: MemoryBackend, path: str | os.PathLike) -> Path:
         "backend": backend.name,
         "config": backend.config(),
     }
-    return write_version(path, {"state.pt": backend.state()}, meta)
+    return write_version(path, {"state.pt": backend.state}, meta)
 
 
 def load_backend(path: str | os.PathLike, device: str | torch.device | None = None) -> MemoryBackend:

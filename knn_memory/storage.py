@@ -95,16 +95,39 @@ def gather_values(views: list[torch.Tensor], ids: torch.Tensor, dim: int, dtype:
         [h, q, k, d] in the storage dtype, zeros in empty slots.
     """
     h, q, k = ids.shape
-    d = dim
-    out = torch.zeros(h, q, k, d, dtype=dtype, device=ids.device)
-    start = 0
-    flat_ids = ids.reshape(h, q * k)
-    for view in views:
-        m = view.shape[-2]
-        local = flat_ids - start
-        inside = (local >= 0) & (local < m)
-        if bool(inside.any()):
-            picked = torch.gather(view, 1, local.clamp(0, m - 1).unsqueeze(-1).expand(h, q * k, d))
-            out = torch.where(inside.reshape(h, q, k, 1), picked.reshape(h, q, k, d), out)
-        start += m
-    return out
+    out = torch.zeros(h * q * k, dim, dtype=dtype, device=ids.device)
+    if not views:
+        return out.view(h, q, k, dim)
+    sizes = torch.tensor([v.shape[-2] for v in views], device=ids.device)
+    ends = sizes.cumsum(0)  # entry id e lies in chunk c iff ends[c-1] <= e < ends[c]
+    flat = ids.reshape(-1)
+    head = torch.arange(h, device=ids.device).repeat_interleave(q * k)
+    slot = torch.nonzero((flat >= 0) & (flat < ends[-1])).squeeze(1)  # filled slots only
+    chunk = torch.bucketize(flat[slot], ends, right=True)
+    # one pass over the chunks, each gathering only its own entries (cost ~ q*k*d, not chunks*q*k*d)
+    order = torch.argsort(chunk, stable=True)
+    slot, chunk = slot[order], chunk[order]
+    counts = torch.bincount(chunk, minlength=len(views)).tolist()
+    starts = (ends - sizes).tolist()
+    pos = 0
+    for c, n in enumerate(counts):
+        if n:
+            sel = slot[pos : pos + n]
+            out[sel] = views[c][head[sel], flat[sel] - starts[c]].to(dtype)
+            pos += n
+    return out.view(h, q, k, dim)
+
+
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, with storage of exactly its own size (a copy if it is a view of a larger tensor).
+
+    ``torch.save`` writes a view's whole underlying storage; a state meant for disk holds compact tensors.
+    """
+    t = t.detach()
+    if (
+        t.is_contiguous()
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    ):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)

@@ -25,7 +25,9 @@ The memory and the local cache live in a :class:`~longllama.cache.LongLlamaCache
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -38,6 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import logging
 
 import knn_memory
+from longllama import memory_io
 from longllama.cache import LongLlamaCache, add_to_memory, create_memory
 from longllama.configuration import LongLlamaConfig
 from longllama.rope import RotaryTable, apply_rotary, relative_positions
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
     from longllama.crossbatch import CrossBatchPlan
 
 logger = logging.get_logger(__name__)
+
+# Largest span of given position_ids in one call: float32 holds every integer position exactly below 2**24.
+MAX_POSITION_SPAN = 2**24
 
 
 class LongLlamaRMSNorm(nn.Module):
@@ -311,15 +317,17 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, n] and inputs_embeds [B, n, D]")
+        weight = self.embed_tokens.weight
         if inputs_embeds is None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be [B, n], got shape {list(input_ids.shape)}")
+            check_input_ids(input_ids, config.vocab_size, weight.device)
             inputs_embeds = self.embed_tokens(input_ids)  # [B, n, D]
-        elif inputs_embeds.dim() != 3:
-            raise ValueError(f"inputs_embeds must be [B, n, D], got shape {list(inputs_embeds.shape)}")
+        else:
+            check_inputs_embeds(inputs_embeds, config.hidden_size, weight)
         B, n, _ = inputs_embeds.shape
         if n == 0:
             raise ValueError("the input is empty (0 tokens)")
+        if B == 0:
+            raise ValueError("the input is empty (batch size 0)")
 
         state = resolve_cache(past_key_values, cache, config)
         if state is None:
@@ -373,6 +381,12 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 else torch.zeros(B, 1, dtype=torch.long, device=device)
             )
             return torch.arange(n, device=device).view(1, n) + start.to(device)
+        if not isinstance(position_ids, torch.Tensor):
+            raise TypeError(
+                f"position_ids must be an integer torch.Tensor [B, n], got {type(position_ids).__name__}"
+            )
+        if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+            raise TypeError(f"position_ids must hold integer positions, got dtype {position_ids.dtype}")
         position_ids = position_ids.to(device=device, dtype=torch.long)
         if position_ids.dim() == 1:
             position_ids = position_ids.view(1, -1)
@@ -380,6 +394,14 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             position_ids = position_ids.expand(B, -1)
         if tuple(position_ids.shape) != (B, n):
             raise ValueError(f"position_ids must be [B={B}, n={n}], got shape {list(position_ids.shape)}")
+        # checked over the whole call before any window runs, so a refused call leaves the cache untouched
+        every = position_ids if state.local_length == 0 else torch.cat([state.positions, position_ids], dim=1)
+        span = int(relative_positions(every).max())
+        if span >= MAX_POSITION_SPAN:
+            raise ValueError(
+                f"position_ids span {span} positions (with the local cache); RoPE angles are exact in float32 "
+                f"only below {MAX_POSITION_SPAN} (2**24)"
+            )
         return position_ids
 
     def _forward_window(
@@ -511,6 +533,16 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             as ``past_key_values`` too), to pass to the next call.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None:  # checked before the model runs, so a refused call leaves the cache untouched
+            given = input_ids if input_ids is not None else inputs_embeds
+            if isinstance(given, torch.Tensor) and given.dim() in (2, 3):
+                check_labels(labels, given.shape[0], given.shape[1], self.config.vocab_size)
+        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool):
+            raise TypeError(
+                f"logits_to_keep must be an int >= 0, got {type(logits_to_keep).__name__} {logits_to_keep!r}"
+            )
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep}")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -544,6 +576,30 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             return (loss, *out) if loss is not None else out
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    def save_memory(self, cache: LongLlamaCache, path: str | os.PathLike) -> Path:
+        """Save ``cache`` (every memory layer and the local cache) to directory ``path``, atomically.
+
+        See :mod:`longllama.memory_io`. Returns the version folder written.
+        """
+        return memory_io.save_memory(
+            cache, path, self.config, fingerprint=memory_io.weights_fingerprint(self.model), dtype=self.dtype
+        )
+
+    def load_memory(self, path: str | os.PathLike) -> LongLlamaCache:
+        """A cache saved by :meth:`save_memory` with this model, on this model's device.
+
+        Raises ``ValueError`` for anything that is not a good save of this model's memory (see
+        :mod:`longllama.memory_io`): corrupt or foreign files, another architecture, weights, dtype or
+        memory settings.
+        """
+        return memory_io.load_memory(
+            path,
+            self.config,
+            device=self.device,
+            fingerprint=memory_io.weights_fingerprint(self.model),
+            dtype=self.dtype,
         )
 
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
@@ -598,6 +654,57 @@ def resolve_cache(past_key_values: object, cache: object, config: LongLlamaConfi
     )
 
 
+def check_input_ids(input_ids: object, vocab_size: int, device: torch.device) -> None:
+    """``input_ids`` must be an integer tensor [B, n] of ids in ``[0, vocab_size)`` on ``device``."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be an integer torch.Tensor [B, n], got {type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, n], got shape {list(input_ids.shape)}")
+    if input_ids.device != device:
+        raise ValueError(f"input_ids are on {input_ids.device}, but the model is on {device}")
+    if input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={vocab_size}), got values in [{low}, {high}]"
+            )
+
+
+def check_inputs_embeds(inputs_embeds: object, hidden_size: int, weight: torch.Tensor) -> None:
+    """``inputs_embeds`` must be a finite [B, n, hidden_size] tensor in the model's dtype and on its device."""
+    if not isinstance(inputs_embeds, torch.Tensor):
+        raise TypeError(f"inputs_embeds must be a torch.Tensor [B, n, D], got {type(inputs_embeds).__name__}")
+    if inputs_embeds.dtype != weight.dtype:
+        raise TypeError(
+            f"inputs_embeds must have the model's dtype {weight.dtype}, got {inputs_embeds.dtype}"
+        )
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+        raise ValueError(
+            f"inputs_embeds must be [B, n, D={hidden_size}], got shape {list(inputs_embeds.shape)}"
+        )
+    if inputs_embeds.device != weight.device:
+        raise ValueError(f"inputs_embeds are on {inputs_embeds.device}, but the model is on {weight.device}")
+    if inputs_embeds.numel() and not bool(torch.isfinite(inputs_embeds).all()):
+        raise ValueError("inputs_embeds contain NaN or inf")
+
+
+def check_labels(labels: object, B: int, n: int, vocab_size: int) -> None:
+    """``labels`` must be an integer tensor [B, n] of ids in ``[0, vocab_size)`` or -100 (ignored)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer torch.Tensor [B, n], got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}")
+    if tuple(labels.shape) != (B, n):
+        raise ValueError(f"labels must be [B={B}, n={n}] like the input, got shape {list(labels.shape)}")
+    bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must lie in [0, vocab_size={vocab_size}) or be -100 (ignored), got {labels[bad][0].item()}"
+        )
+
+
 def real_token_mask(
     attention_mask: torch.Tensor | None, B: int, length: int, device: torch.device
 ) -> torch.Tensor:
@@ -607,6 +714,10 @@ def real_token_mask(
     """
     if attention_mask is None:
         return torch.ones(B, length, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask must be a torch.Tensor [B, local + n], got {type(attention_mask).__name__}"
+        )
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be 2-D [B, local + n], got shape {list(attention_mask.shape)}")
     mask = attention_mask[:, -length:]
@@ -626,5 +737,5 @@ def check_memory_settings(config: LongLlamaConfig) -> None:
         raise type(err)(
             f"invalid memory backend settings mem_backend={config.mem_backend!r}, mem_index={config.mem_index!r}, "
             f"mem_top_k={config.mem_top_k!r}, mem_index_params={config.mem_index_params!r}, "
-            f"mem_dtype={config.mem_dtype!r}: {err}"
+            f"mem_dtype={config.mem_dtype!r}, mem_device={config.mem_device!r}: {err}"
         ) from err

@@ -11,7 +11,6 @@ and one line on stderr.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -21,32 +20,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import knn_memory
+from longllama.cli_args import BadArguments, OneLineParser, parse_backend, parse_token_count
 from longllama.passkey import PasskeyResult, make_prompt, memory_settings, run_passkey, summarize
 
 
 def parse_length(text: str) -> int:
-    """``"4k"`` -> 4096, ``"1m"`` -> 1048576, ``"1500"`` -> 1500."""
-    t = text.strip().lower()
-    scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
-    try:
-        value = int(float(t[:-1] if scale > 1 else t) * scale)
-    except ValueError:
-        raise ValueError(f"length {text!r} is not a token count such as 4096, 4k or 1m") from None
-    if value < 64:
-        raise ValueError(f"length {text!r} is below 64 tokens")
-    return value
-
-
-def parse_backend(text: str) -> dict:
-    """``"exact"`` or ``"faiss:HNSW32"`` -> memory settings for the model config."""
-    name, _, index = text.partition(":")
-    if name == "exact":
-        if index:
-            raise ValueError(f"backend {text!r}: the exact backend takes no index")
-        return {"mem_backend": "exact"}
-    if name == "faiss":
-        return {"mem_backend": "faiss", "mem_index": index or "Flat"}
-    raise ValueError(f"backend {text!r} must be 'exact' or 'faiss:<index_factory string>'")
+    """``"4k"`` -> 4096: a prompt length in tokens (at least 64)."""
+    return parse_token_count(text, "length", minimum=64)
 
 
 def _label(settings: dict, top_k: int | None, params: dict) -> str:
@@ -64,13 +45,15 @@ def plot(summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for backend in sorted({r["backend"] for r in summary}):
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
+    for i, backend in enumerate(sorted({r["backend"] for r in summary})):
         rows = sorted((r for r in summary if r["backend"] == backend), key=lambda r: r["length"])
-        xs = [r["length"] for r in rows]
+        xs = [r["length"] * 1.04**i for r in rows]  # a small offset keeps equal curves visible
         ys = [100 * r["accuracy"] for r in rows]
         lo = [100 * (r["accuracy"] - r["ci95"][0]) for r in rows]
         hi = [100 * (r["ci95"][1] - r["accuracy"]) for r in rows]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=backend)
+        marker, line = styles[i % len(styles)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, linestyle=line, capsize=3, label=backend)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey accuracy (%)")
@@ -96,10 +79,8 @@ def format_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="longllama-passkey", description="Passkey retrieval accuracy vs context length."
-    )
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="longllama-passkey", description="Passkey retrieval accuracy vs context length.")
     p.add_argument(
         "--model", default=None, help="LongLLaMA checkpoint directory (default: the embedded model)"
     )
@@ -123,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         lengths = [parse_length(t) for t in args.lengths.split(",") if t.strip()]
         backends = [parse_backend(b) for b in (args.backend or ["exact"])]
         depths = [None] if args.depths == "random" else [float(d) for d in args.depths.split(",")]
@@ -155,19 +136,21 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.tokenizer or model_path)
         params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.efSearch)) if v is not None}
         runs = []
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
         for settings in backends:
-            cfg = dict(
-                settings, mem_top_k=args.top_k if settings["mem_backend"] == "faiss" or args.top_k else None
-            )
+            # --top-k and the search knobs apply to Faiss backends (each knob to the indexes that have it);
+            # the exact backend stays dense (upstream's memory)
+            cfg = dict(settings, mem_top_k=args.top_k if settings["mem_backend"] == "faiss" else None)
+            knobs: dict = {}
             if settings["mem_backend"] == "faiss":
-                cfg["mem_index_params"] = params or None
-            runs.append(
-                (_label(settings, args.top_k, params if settings["mem_backend"] == "faiss" else {}), cfg)
-            )
+                accepted = knn_memory.search_knobs(settings["mem_index"], head_dim)
+                knobs = {k: v for k, v in params.items() if k in accepted}
+                cfg["mem_index_params"] = knobs or None
+            runs.append((_label(settings, args.top_k, knobs), cfg))
         for _, cfg in runs:  # every backend setting is checked before the long part starts
             with memory_settings(model, **cfg):
                 check_memory_settings(model.config)
-    except (ValueError, TypeError) as err:
+    except (BadArguments, ValueError, TypeError, FileNotFoundError) as err:
         print(f"longllama-passkey: error: {err}", file=sys.stderr)
         return 2
 

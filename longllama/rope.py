@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+# Longest table kept (positions); longer local windows compute their angles on each call.
+TABLE_LIMIT = 65536
+
 
 def inverse_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
     """``theta^(-2i/head_dim)`` for i in [0, head_dim/2), float32 [head_dim/2]."""
@@ -42,8 +45,17 @@ class RotaryTable:
         self._cos, self._sin = angles.cos(), angles.sin()
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at ``positions`` (int64 [B, n], each in [0, n)) -> two [B, 1, n, d] in ``dtype``."""
+        """cos and sin at ``positions`` (int64 [B, n], each >= 0) -> two [B, 1, n, d] in ``dtype``.
+
+        Positions far beyond the window (more than ``TABLE_LIMIT`` and 4x the window) are computed
+        directly instead of growing the table to that length.
+        """
         needed = max(self.min_length, int(positions.max()) + 1 if positions.numel() else 0)
+        if needed > max(TABLE_LIMIT, 4 * self.min_length):
+            inv_freq = inverse_frequencies(self.head_dim, self.theta, positions.device)  # [d/2]
+            freqs = positions.to(inv_freq.dtype).unsqueeze(-1) * inv_freq  # [B, n, d/2]
+            angles = torch.cat((freqs, freqs), dim=-1)  # [B, n, d]
+            return angles.cos().to(dtype).unsqueeze(1), angles.sin().to(dtype).unsqueeze(1)
         if self._cos is None or self._cos.shape[0] < needed or self._cos.device != positions.device:
             self._build(needed, positions.device)
         cos = self._cos.to(dtype)[positions].unsqueeze(1)  # [B, 1, n, d]

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 
+import sentencepiece
 from transformers import LlamaTokenizer
 
 
@@ -20,11 +21,20 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> LlamaTokenizer:
 
     Raises:
         FileNotFoundError: no SentencePiece model at ``path``.
+        ValueError: the file is not a SentencePiece model (truncated, corrupt or another format).
+        TypeError: ``path`` is not a path.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     vocab_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
     if not os.path.isfile(vocab_file):
         raise FileNotFoundError(f"no SentencePiece model at {vocab_file!r} (path={path!r})")
+    try:  # transformers would fall back to other formats and fail with an unrelated message
+        sentencepiece.SentencePieceProcessor(model_file=vocab_file)
+    except (RuntimeError, OSError) as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{vocab_file!r} is not a SentencePiece model ({reason})") from None
     kwargs.setdefault("add_bos_token", True)
     kwargs.setdefault("add_eos_token", False)
     kwargs.setdefault("legacy", True)

@@ -59,6 +59,7 @@ class TrainConfig:
     windows_per_doc: int = 4
     docs_per_batch: int = 16
     min_doc_tokens: int = 64
+    tokenizer_docs: int = 3000  # synthetic documents the SentencePiece tokenizer is trained on
     # FoT crossbatch: (positives, negatives) per document, cycled; None positives = all earlier windows
     mix: str = "all:0"
     # optimisation
@@ -114,7 +115,14 @@ def make_batch(cfg: TrainConfig, tokenizer, step: int) -> Batch:
         return tokenizer(text, add_special_tokens=False).input_ids
 
     docs = []
+    attempts = 0
     while len(docs) < cfg.docs_per_batch:
+        attempts += 1
+        if attempts > 100 * cfg.docs_per_batch:
+            raise ValueError(
+                f"documents do not fit in window x windows_per_doc = {max_len} tokens "
+                "(a document without filler has about 60 tokens); raise --window or --windows-per-doc"
+            )
         # random document end: anywhere from min_doc_tokens to the full nw windows
         target = rng.randint(cfg.min_doc_tokens, max_len)
         n_chars = max(0, int((target - 60) * 2.8))
@@ -233,7 +241,7 @@ def train(
     torch.manual_seed(cfg.seed)
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.model").is_file():
-        train_tokenizer(tok_dir, vocab_size=cfg.vocab_size, seed=cfg.seed)
+        train_tokenizer(tok_dir, vocab_size=cfg.vocab_size, n_docs=cfg.tokenizer_docs, seed=cfg.seed)
     tokenizer = load_tokenizer(tok_dir)
     model = LongLlamaForCausalLM(model_config(cfg))
     model.train()

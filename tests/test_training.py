@@ -106,11 +106,12 @@ def _tiny_run(**overrides) -> TrainConfig:
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
-        window=16,
+        window=32,
         mem_layers=[1],
-        windows_per_doc=2,
+        windows_per_doc=3,
         docs_per_batch=4,
-        min_doc_tokens=16,
+        min_doc_tokens=64,
+        tokenizer_docs=200,
         steps=12,
         lr=1e-2,
         warmup=2,
@@ -119,6 +120,15 @@ def _tiny_run(**overrides) -> TrainConfig:
     )
     fields.update(overrides)
     return TrainConfig(**fields)
+
+
+def test_documents_that_cannot_fit_are_refused(tmp_path):
+    from longllama import load_tokenizer
+    from longllama.tokenizer_training import train_tokenizer
+
+    tok = load_tokenizer(train_tokenizer(tmp_path / "tok", n_docs=300))
+    with pytest.raises(ValueError, match="do not fit"):
+        make_batch(_tiny_run(window=16, windows_per_doc=2, min_doc_tokens=16), tok, 0)
 
 
 def test_batches_are_a_function_of_the_step(tmp_path):
@@ -151,14 +161,17 @@ def test_training_loss_falls_and_resume_is_exact(tmp_path):
     stop_dir = tmp_path / "stopped"
     real_batch = training.make_batch
 
+    class Stop(Exception):
+        pass
+
     def interrupt(cfg_, tok_, step):
         if step == 6:
-            raise KeyboardInterrupt
+            raise Stop
         return real_batch(cfg_, tok_, step)
 
     training.make_batch = interrupt
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Stop):
             train(cfg, stop_dir, progress=False)
     finally:
         training.make_batch = real_batch
