@@ -178,6 +178,7 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="knn-memory-backend-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--keys", type=parse_size, default=131072, help="keys per head for the Flat check (128k)")
@@ -193,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.keys, args.heads, args.queries, args.k, args.dim) < 1:
         print("knn-memory-backend-check: error: sizes must be >= 1", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     flat = flat_check(args.keys, args.heads, args.queries, args.k, args.dim)
     print(

@@ -122,7 +122,13 @@ def measure(spec: dict) -> dict:
     """Prefill ``spec["tokens"]`` tokens in chunks; one sample per chunk (run in a fresh process)."""
     import torch
 
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return _measure(spec)
+
+
+def _measure(spec: dict) -> dict:
+    import torch
+
     model = build_model(spec)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(spec["seed"])

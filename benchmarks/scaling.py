@@ -834,6 +834,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = argv
@@ -851,7 +852,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"knn-memory-scaling: error: {err}", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
     summary = run(args)
     if args.list:
         return 0

@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     keys, values, queries = None, None, None
     try:
@@ -105,5 +106,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())

@@ -38,3 +38,13 @@ def longllama_config():
         return LongLlamaConfig(**fields)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_restored():
+    """A test (or the code it calls in-process) must leave autograd as it found it."""
+    enabled = torch.is_grad_enabled()
+    yield
+    if torch.is_grad_enabled() != enabled:
+        torch.set_grad_enabled(enabled)
+        pytest.fail("grad mode was left changed by this test or the code it called")

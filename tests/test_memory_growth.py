@@ -76,12 +76,12 @@ def test_index_nbytes_matches_faiss(spec, tolerance):
 
 
 # ---------------------------------------------------------------------- RSS of a growing memory
+@torch.no_grad()
 def grow_and_measure(name: str, options: dict, start: int, tokens: int, step: int) -> dict:
     """In a fresh process: ``start`` entries, then ``tokens`` more in steps; RSS, per-step peak, nbytes."""
     sys.path.insert(0, str(HERE.parent))
     from benchmarks.memory_growth import peak_bytes, reset_peak, rss_bytes
 
-    torch.set_grad_enabled(False)
     mem = create_backend(name, num_heads=8, head_dim=64, batch_size=1, mem_dtype="float32", **options)
     g = torch.Generator().manual_seed(0)
     # the first entries also set up what is set up once (thread pool, Faiss), out of the baseline
