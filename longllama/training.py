@@ -116,17 +116,21 @@ def make_batch(cfg: TrainConfig, tokenizer, step: int) -> Batch:
 
     docs = []
     attempts = 0
+    shortest = None
     while len(docs) < cfg.docs_per_batch:
         attempts += 1
         if attempts > 100 * cfg.docs_per_batch:
             raise ValueError(
-                f"documents do not fit in window x windows_per_doc = {max_len} tokens "
-                "(a document without filler has about 60 tokens); raise --window or --windows-per-doc"
+                f"documents do not fit in window x windows_per_doc = {max_len} tokens: the shortest of "
+                f"{attempts - 1} tries had {shortest} tokens (a smaller --vocab-size makes documents longer); "
+                "raise --window or --windows-per-doc"
             )
         # random document end: anywhere from min_doc_tokens to the full nw windows
         target = rng.randint(cfg.min_doc_tokens, max_len)
         n_chars = max(0, int((target - 60) * 2.8))
         out = encode_document(make_document(rng, n_chars), encode, tokenizer.bos_token_id)
+        if out is not None:
+            shortest = len(out[0]) if shortest is None else min(shortest, len(out[0]))
         if out is None or len(out[0]) > max_len:
             continue
         docs.append(out)
