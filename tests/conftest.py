@@ -19,23 +19,10 @@ def longllama_config():
     Defaults: vocab 64, hidden 32 (2 heads of 16), 3 layers with memory in layer 1, window 16,
     last_context_length 8, float32 memory, a large init (0.1) so attention is peaked and memory matters.
     """
-    from longllama import LongLlamaConfig
+    from tiny import tiny_config
 
     def make(**overrides):
-        fields = dict(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            last_context_length=8,
-            mem_layers=[1],
-            mem_dtype="float32",
-            initializer_range=0.1,
-        )
-        fields.update(overrides)
-        return LongLlamaConfig(**fields)
+        return tiny_config(**{"initializer_range": 0.1, **overrides})
 
     return make
 

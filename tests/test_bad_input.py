@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from knn_memory.agreement_cli import main as agreement_main
 from longllama import LongLlamaConfig, LongLlamaForCausalLM, load_tokenizer
@@ -12,19 +13,7 @@ from longllama import LongLlamaConfig, LongLlamaForCausalLM, load_tokenizer
 
 @pytest.fixture(scope="module")
 def model():
-    config = LongLlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        last_context_length=8,
-        mem_layers=[1],
-        mem_dtype="float32",
-    )
-    torch.manual_seed(0)
-    return LongLlamaForCausalLM(config).eval()
+    return tiny_model(num_hidden_layers=2)
 
 
 IDS = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(0))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from knn_memory import create_backend, load_backend
 from knn_memory.persistence import CURRENT
@@ -44,24 +45,6 @@ def run_child(call: str, timeout: float, threads: int = 1) -> dict:
         f"{call}: exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def tiny_model():
-    from longllama import LongLlamaConfig, LongLlamaForCausalLM
-
-    config = LongLlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        last_context_length=8,
-        mem_layers=[1, 2],
-        mem_dtype="float32",
-    )
-    torch.manual_seed(0)
-    return LongLlamaForCausalLM(config).eval()
 
 
 def same_state(a: object, b: object) -> bool:
@@ -115,7 +98,7 @@ def kill_during_save(root: str, delays: list[float]) -> None:
     torch.set_num_threads(1)
     root = Path(root)
     mem = root / "mem"
-    model = tiny_model()
+    model = tiny_model(mem_layers=[1, 2])
     with torch.no_grad():
         cache = model(torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(1))).cache
         v1 = cache_state(cache)
@@ -228,7 +211,7 @@ def _fail_at(monkeypatch, target: str, n: int) -> None:
 @pytest.mark.parametrize("target", ["torch.save", "os.fsync", "os.replace"])
 @torch.no_grad()
 def test_failed_write_raises_and_keeps_the_previous_memory(tmp_path, monkeypatch, target):
-    model = tiny_model()
+    model = tiny_model(mem_layers=[1, 2])
     cache = model(torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(1))).cache
     v1 = cache_state(cache)
     path = tmp_path / "mem"

@@ -318,24 +318,19 @@ def test_memory_attention(H_, q, n, d, dtype, mask_kind, grouping, memory_entrie
 # ---------------------------------------------------------------------- the model
 @pytest.fixture(scope="module")
 def models():
-    from longllama import LongLlamaConfig, LongLlamaForCausalLM
+    from tiny import tiny_model
 
     out = {}
     for name, extra in (("exact", {}), ("faiss", {"mem_backend": "faiss", "mem_top_k": 3})):
-        config = LongLlamaConfig(
+        out[name] = tiny_model(
             vocab_size=40,
             hidden_size=16,
             intermediate_size=32,
             num_hidden_layers=2,
-            num_attention_heads=2,
             max_position_embeddings=8,
             last_context_length=4,
-            mem_layers=[1],
-            mem_dtype="float32",
             **extra,
         )
-        torch.manual_seed(0)
-        out[name] = LongLlamaForCausalLM(config).eval()
     return out
 
 
