@@ -190,20 +190,31 @@ def memory_settings(model, **settings):
             setattr(model.config, name, value)
 
 
-def summarize(results: list[PasskeyResult]) -> list[dict]:
-    """Accuracy per (backend, length): rows with n runs, accuracy, a 95% Wilson interval, mean time."""
-    groups: dict[tuple[str, int], list[PasskeyResult]] = {}
+def summarize(results: list[PasskeyResult], by_depth: bool = False) -> list[dict]:
+    """Accuracy per (backend, length), or per (backend, length, depth) with ``by_depth``.
+
+    Rows hold n runs, accuracy, a 95% Wilson interval, mean time and peak RSS; a depth of ``None``
+    (drawn at random per seed) is its own group.
+    """
+    groups: dict[tuple, list[PasskeyResult]] = {}
     for r in results:
-        groups.setdefault((r.backend, r.length), []).append(r)
+        key = (r.backend, r.length, r.depth) if by_depth else (r.backend, r.length)
+        groups.setdefault(key, []).append(r)
     rows = []
-    for (backend, length), rs in sorted(groups.items()):
+
+    def order(key: tuple) -> tuple:  # random depth (None) first
+        return (*key[:2], *(-1.0 if d is None else d for d in key[2:]))
+
+    for key, rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
         n = len(rs)
         acc = sum(r.correct for r in rs) / n
         lo, hi = _wilson(acc, n)
+        row = {"backend": key[0], "length": key[1]}
+        if by_depth:
+            row["depth"] = key[2]
         rows.append(
             {
-                "backend": backend,
-                "length": length,
+                **row,
                 "runs": n,
                 "accuracy": acc,
                 "ci95": [lo, hi],

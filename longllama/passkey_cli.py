@@ -5,8 +5,9 @@
 
 Defaults to the embedded model. ``--backend`` is ``exact`` or ``faiss:<Faiss index_factory string>``
 (repeatable). Writes ``results.jsonl`` (one line per run; ``--resume`` skips runs already there),
-``summary.json`` and ``passkey.png`` into ``--out`` and prints the table. Bad arguments exit with code 2
-and one line on stderr.
+``summary.json`` and ``passkey.png`` (plus ``passkey_depth.png`` for fixed ``--depths``) into ``--out``
+and prints the table; ``--summarize-only`` rebuilds those from ``results.jsonl`` alone (e.g. after
+merging the files of several runs). Bad arguments exit with code 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -66,17 +67,83 @@ def plot(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_depths(summary: list[dict], path: Path) -> None:
+    """Accuracy vs needle depth, one panel per backend, one line per context length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = sorted({r["backend"] for r in summary})
+    fig, axes = plt.subplots(1, len(backends), figsize=(4.2 * len(backends), 3.6), squeeze=False, sharey=True)
+    for ax, backend in zip(axes[0], backends, strict=True):
+        for length in sorted({r["length"] for r in summary if r["backend"] == backend}):
+            rows = sorted(
+                (r for r in summary if r["backend"] == backend and r["length"] == length),
+                key=lambda r: r["depth"],
+            )
+            ax.plot(
+                [r["depth"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=f"{length}"
+            )
+        ax.set_title(backend, fontsize=9)
+        ax.set_xlabel("needle depth (0 = start)")
+        ax.set_ylim(-3, 103)
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="tokens", fontsize=7)
+    axes[0][0].set_ylabel("passkey accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def format_table(summary: list[dict]) -> str:
+    """The summary rows as a text table (with a depth column when the rows have one)."""
+    by_depth = bool(summary) and "depth" in summary[0]
+    depth_head = f" {'depth':>6}" if by_depth else ""
     lines = [
-        f"{'backend':<34} {'length':>8} {'runs':>5} {'acc %':>6} {'95% CI':>13} {'s/run':>8} {'peak MiB':>9}"
+        f"{'backend':<34} {'length':>8}{depth_head} {'runs':>5} {'acc %':>6} {'95% CI':>13} {'s/run':>8} "
+        f"{'peak MiB':>9}"
     ]
     for r in summary:
         ci = f"{100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}"
+        depth = ""
+        if by_depth:
+            depth = f" {'random' if r['depth'] is None else format(r['depth'], '.2f'):>6}"
         lines.append(
-            f"{r['backend']:<34} {r['length']:>8} {r['runs']:>5} {100 * r['accuracy']:>6.1f} {ci:>13} "
+            f"{r['backend']:<34} {r['length']:>8}{depth} {r['runs']:>5} {100 * r['accuracy']:>6.1f} {ci:>13} "
             f"{r['mean_seconds']:>8.2f} {r['peak_rss_mib']:>9.0f}"
         )
     return "\n".join(lines)
+
+
+def read_results(path: Path) -> list[PasskeyResult]:
+    """The runs recorded in a ``results.jsonl``; ``ValueError`` naming the line that does not parse."""
+    results = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            results.append(PasskeyResult(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{path}: line {i} is not a passkey result ({err})") from None
+    return results
+
+
+def write_report(results: list[PasskeyResult], out: Path, args: dict) -> str:
+    """Write ``summary.json``, ``passkey.png`` (and ``passkey_depth.png`` when depths were fixed); the table."""
+    summary = summarize(results)
+    fixed = [r for r in results if r.depth is not None]
+    depth_summary = summarize(fixed, by_depth=True) if fixed else []
+    report = {"args": args, "summary": summary}
+    if depth_summary:
+        report["by_depth"] = depth_summary
+    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(summary, out / "passkey.png")
+    text = format_table(summary)
+    if depth_summary:
+        plot_depths(depth_summary, out / "passkey_depth.png")
+        text += "\n\nBy needle depth (runs with a fixed depth):\n" + format_table(depth_summary)
+    return text
 
 
 def _parser() -> OneLineParser:
@@ -100,19 +167,40 @@ def _parser() -> OneLineParser:
     p.add_argument("--out", default="passkey_results", help="output directory")
     p.add_argument("--resume", action="store_true", help="skip runs already in out/results.jsonl")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="rebuild summary.json, the plots and the table from out/results.jsonl; run nothing",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+        results_path = out / "results.jsonl"
+        if args.summarize_only:
+            if not results_path.is_file():
+                raise ValueError(f"--summarize-only: no {results_path} to summarize")
+            print(write_report(read_results(results_path), out, vars(args)))
+            return 0
         lengths = [parse_length(t) for t in args.lengths.split(",") if t.strip()]
+        if not lengths:
+            raise ValueError(f"--lengths must name at least one length, got {args.lengths!r}")
         backends = [parse_backend(b) for b in (args.backend or ["exact"])]
         depths = [None] if args.depths == "random" else [float(d) for d in args.depths.split(",")]
         if any(d is not None and not 0 <= d <= 1 for d in depths):
             raise ValueError(f"--depths must lie in [0, 1], got {args.depths!r}")
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.seed_offset < 0:
+            raise ValueError(f"--seed-offset must be >= 0, got {args.seed_offset}")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        previous = read_results(results_path) if args.resume and results_path.is_file() else []
         grouping = None if args.grouping is None else tuple(int(x) for x in args.grouping.split(","))
         from transformers.utils import logging as hf_logging
 
@@ -133,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         model = LongLlamaForCausalLM.from_pretrained(
             model_path, torch_dtype=torch.float32, **overrides
         ).eval()
-        tokenizer = load_tokenizer(args.tokenizer or model_path)
+        tokenizer_path = Path(args.tokenizer) if args.tokenizer else model_path
+        if not tokenizer_path.exists():
+            raise ValueError(f"--tokenizer {str(tokenizer_path)!r} does not exist")
+        tokenizer = load_tokenizer(tokenizer_path)
         params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.efSearch)) if v is not None}
         runs = []
         head_dim = model.config.hidden_size // model.config.num_attention_heads
@@ -150,20 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         for _, cfg in runs:  # every backend setting is checked before the long part starts
             with memory_settings(model, **cfg):
                 check_memory_settings(model.config)
-    except (BadArguments, ValueError, TypeError, FileNotFoundError) as err:
+    except (BadArguments, ValueError, TypeError, OSError) as err:
         print(f"longllama-passkey: error: {err}", file=sys.stderr)
         return 2
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
-    done: set[tuple] = set()
-    results: list[PasskeyResult] = []
-    if args.resume and results_path.is_file():
-        for line in results_path.read_text().splitlines():
-            r = PasskeyResult(**json.loads(line))
-            results.append(r)
-            done.add((r.backend, r.length, r.seed, r.depth))
+    results: list[PasskeyResult] = list(previous)
+    done = {(r.backend, r.length, r.seed, r.depth) for r in previous}
     jobs = [
         (label, cfg, n, seed, depth)
         for n in lengths
@@ -189,10 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             log.write(json.dumps(asdict(r)) + "\n")
             log.flush()
             bar.set_postfix(backend=label[:20], n=n, ok=r.correct)
-    summary = summarize(results)
-    (out / "summary.json").write_text(json.dumps({"args": vars(args), "summary": summary}, indent=2) + "\n")
-    plot(summary, out / "passkey.png")
-    print(format_table(summary))
+    print(write_report(results, out, vars(args)))
     print(f"{len(jobs)} runs in {time.perf_counter() - start:.1f} s; results in {out}/")
     return 0
 

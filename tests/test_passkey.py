@@ -94,12 +94,61 @@ def test_cli_end_to_end(tmp_path, capsys):
         (["--depths", "1.5"], "depths"),
         (["--seeds", "0"], "seeds"),
         (["--model", "/nonexistent/dir"], "config.json"),
+        (["--lengths", ""], "at least one length"),
+        (["--lengths", " , "], "at least one length"),
+        (["--threads", "-1"], "--threads must be >= 1, got -1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--seed-offset", "-2"], "--seed-offset must be >= 0"),
+        (["--tokenizer", "/nonexistent/tok.model"], "does not exist"),
+        (["--summarize-only"], "results.jsonl to summarize"),
     ],
 )
 def test_cli_bad_arguments(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_cli_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["--lengths", "256", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a directory" in err[0]
+
+
+@pytest.mark.parametrize("content", ["{not json\n", '{"backend": "exact"}\n', "[1, 2]\n"])
+def test_cli_refuses_a_corrupt_results_file(tmp_path, capsys, content):
+    (tmp_path / "results.jsonl").write_text(content)
+    for extra in (["--resume"], ["--summarize-only"]):
+        assert main(["--lengths", "256", "--out", str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "line 1 is not a passkey result" in err[0]
+
+
+def test_cli_depth_sweep_and_summarize_only(tmp_path, capsys):
+    out = tmp_path / "pk"
+    argv = ["--lengths", "256", "--seeds", "2", "--depths", "0,1", "--backend", "exact", "--threads", "1",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["seed"], r["depth"]) for r in rows) == [(0, 0.0), (0, 1.0), (1, 0.0), (1, 1.0)]
+    report = json.loads((out / "summary.json").read_text())
+    assert [(r["depth"], r["runs"]) for r in report["by_depth"]] == [(0.0, 2), (1.0, 2)]
+    for r in report["by_depth"]:
+        want = sum(x["correct"] for x in rows if x["depth"] == r["depth"]) / 2
+        assert r["accuracy"] == want
+    assert (out / "passkey_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first = capsys.readouterr().out
+    assert "By needle depth" in first
+    # merging another run's lines and summarizing again counts them, without running anything
+    extra = dict(rows[0], seed=7)
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(extra) + "\n")
+    (out / "passkey.png").unlink()
+    assert main(["--out", str(out), "--summarize-only"]) == 0
+    report = json.loads((out / "summary.json").read_text())
+    assert report["summary"][0]["runs"] == 5 and (out / "passkey.png").is_file()
 
 
 def test_parsers():
