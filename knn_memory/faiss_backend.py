@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from indexes import StreamingIndex, fan_out, parse_spec
+from indexes import StreamingIndex, fan_out, parse_device, parse_spec
 from knn_memory.backend import MemoryBackend
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
@@ -34,6 +34,9 @@ class FaissBackend(MemoryBackend):
             (see :mod:`indexes.streaming`).
         workers: threads for the (row, head) fan-out (default: all cores).
         seed: RNG seed of training samples.
+        value_device: where the values live: ``None`` (default) next to the keys on ``device``, or
+            ``"cpu"`` to keep them in host memory while a GPU index holds the keys; only the k
+            retrieved values per query then cross to ``device``.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class FaissBackend(MemoryBackend):
         train_sample: int | None = None,
         workers: int | None = None,
         seed: int = 0,
+        value_device: str | torch.device | None = None,
     ) -> None:
         super().__init__(
             num_heads=num_heads,
@@ -66,6 +70,11 @@ class FaissBackend(MemoryBackend):
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive int or None, got {workers!r}")
         self.workers = workers
+        self.value_device = self.device if value_device is None else parse_device(value_device)
+        if self.value_device not in (self.device, torch.device("cpu")):
+            raise ValueError(
+                f"value_device must be None, 'cpu' or the memory's device ({self.device}), got {value_device!r}"
+            )
         self.index_options = {
             "nprobe": nprobe,
             "efSearch": efSearch,
@@ -86,7 +95,7 @@ class FaissBackend(MemoryBackend):
         return [self._new_index() for _ in range(self.num_heads)]
 
     def _new_values(self) -> ChunkedTensor:
-        return ChunkedTensor((self.num_heads,), self.head_dim, self.mem_dtype, self.device, VALUE_CHUNK)
+        return ChunkedTensor((self.num_heads,), self.head_dim, self.mem_dtype, self.value_device, VALUE_CHUNK)
 
     @property
     def index(self) -> str:
@@ -125,14 +134,15 @@ class FaissBackend(MemoryBackend):
         )
         scores = torch.stack([s for s, _ in results]).reshape(B, h, q, k)
         ids = torch.stack([i for _, i in results]).reshape(B, h, q, k)
+        value_ids = ids.to(self.value_device)
         values = torch.stack(
             [
                 gather_values(
-                    [v[heads] for v in self._values[b].views()], ids[b], self.head_dim, self.mem_dtype
+                    [v[heads] for v in self._values[b].views()], value_ids[b], self.head_dim, self.mem_dtype
                 )
                 for b in range(B)
             ]
-        )
+        ).to(self.device)  # [B, h, q, k, d]: only the retrieved values cross devices
         return MemoryHits(scores=scores, ids=ids, values=values)
 
     def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
@@ -169,7 +179,14 @@ class FaissBackend(MemoryBackend):
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
-        return {**super().config(), "index": self.index, **self.index_options, "workers": self.workers}
+        pinned = None if self.value_device == self.device else str(self.value_device)
+        return {
+            **super().config(),
+            "index": self.index,
+            **self.index_options,
+            "workers": self.workers,
+            "value_device": pinned,
+        }
 
     def state(self) -> dict:
         return {
@@ -199,7 +216,7 @@ class FaissBackend(MemoryBackend):
                 raise ValueError(
                     f"saved values of row {b} have shape {list(v.shape)}, expected {[new.num_heads, n, new.head_dim]}"
                 )
-            new._values[b].append(v.to(new.device, new.mem_dtype))
+            new._values[b].append(v.to(new.value_device, new.mem_dtype))
         return new
 
 
