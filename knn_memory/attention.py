@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from knn_memory.backend import MemoryBackend
+from knn_memory.hits import MemoryHits
 
 CLAMP = -1e6
 
@@ -75,6 +76,27 @@ def _check_grouping(grouping: tuple[int, int] | None, H: int, q: int) -> tuple[i
     ):
         raise ValueError(f"grouping must be a pair of positive ints (heads, queries), got {grouping!r}")
     return int(grouping[0]), int(grouping[1])
+
+
+def _joint_scores_in_place(
+    scores: torch.Tensor, hits: MemoryHits, inv_scale: float, floor: float
+) -> torch.Tensor:
+    """``cat([scores, clamp(hits.scores / inv_scale)])`` [B, h, q, n + k] built in one buffer (no grad).
+
+    The same numbers as the autograd path (the division and clamp run in ``scores.dtype``), but the
+    memory scores are written straight into the joint buffer and the search's own [B, h, q, k] tensor
+    is released before the softmax: two score-sized tensors alive at once instead of four.
+    ``hits`` gives up its scores (see :meth:`MemoryHits.take_scores`).
+    """
+    n = scores.shape[-1]
+    raw = hits.take_scores()  # the caller's frame holds ``hits`` until we return
+    joint = torch.empty(*scores.shape[:-1], n + raw.shape[-1], dtype=scores.dtype, device=scores.device)
+    joint[..., :n] = scores
+    mem = joint[..., n:]
+    mem.copy_(raw)
+    del raw
+    mem.div_(inv_scale).clamp_min_(floor)
+    return joint
 
 
 def memory_attention(
@@ -140,10 +162,13 @@ def memory_attention(
             if use_memory:
                 # the memory may live on another device (mem_device): search there, attend here
                 hits = memory.search(qg.to(memory.device), k=top_k, heads=hs)
-                mem_scores = torch.clamp_min(hits.scores.to(query.device, dtype) / inv_scale, floor)
-                probs = F.softmax(torch.cat([scores, mem_scores], dim=-1), dim=-1, dtype=torch.float32).to(
-                    dtype
-                )
+                if torch.is_grad_enabled():
+                    mem_scores = torch.clamp_min(hits.scores.to(query.device, dtype) / inv_scale, floor)
+                    joint = torch.cat([scores, mem_scores], dim=-1)
+                else:
+                    joint = _joint_scores_in_place(scores, hits, inv_scale, floor)
+                probs = F.softmax(joint, dim=-1, dtype=torch.float32).to(dtype)
+                del joint
                 out = torch.matmul(probs[..., :n], local_values[:, hs]) + hits.weighted_values(probs[..., n:])
             else:
                 probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)

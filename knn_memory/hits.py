@@ -34,6 +34,13 @@ class MemoryHits:
         """True for the dense form (values shared across queries)."""
         return self.value_chunks is not None
 
+    def take_scores(self) -> torch.Tensor:
+        """Hand the scores over to the caller, who may then free them: these hits keep an empty
+        [B, h, q, 0] tensor (not a view, which would keep the storage alive); values and ids stay."""
+        scores = self.scores
+        self.scores = scores.new_empty(*scores.shape[:-1], 0)
+        return scores
+
     @property
     def k(self) -> int:
         """Slots per query (k, or M for the dense form)."""

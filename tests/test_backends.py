@@ -518,3 +518,42 @@ def test_fully_masked_rows_follow_upstream_clamp():
     flat.add(keys, values, valid)
     got = memory_attention(query, lk, lv, lmask, flat)
     assert (got[0] - expected[0]).abs().max().item() <= 1e-5  # a row with real memory: the same
+
+
+@pytest.mark.parametrize(("name", "extra"), [("exact", {}), ("faiss", {"top_k": 7})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_grad_attention_equals_the_autograd_path_and_frees_the_search_scores(
+    name, extra, dtype, monkeypatch
+):
+    """Without autograd the joint scores are built in place: the same numbers, and the search's own
+    scores tensor is gone before the softmax (two score-sized tensors alive, not four)."""
+    import weakref
+
+    import knn_memory.attention as attention_module
+
+    g = torch.Generator().manual_seed(21)
+    B, H, q, d, M = 2, 3, 5, 8, 40
+    mem = create_backend(name, **geometry(B, H, d, "bfloat16"), **extra)
+    mem.add(torch.randn(B, H, M, d, generator=g), torch.randn(B, H, M, d, generator=g))
+    queries, lk, lv = (torch.randn(B, H, n, d, generator=g).to(dtype) for n in (q, 4, 4))
+    with torch.enable_grad():
+        want = memory_attention(queries, lk, lv, memory=mem)
+
+    alive = []
+    search, softmax = type(mem).search, attention_module.F.softmax
+
+    def spy_search(self, *args, **kwargs):
+        hits = search(self, *args, **kwargs)
+        alive.append(weakref.ref(hits.scores))
+        return hits
+
+    def spy_softmax(*args, **kwargs):
+        alive.append(alive[-1]() is not None)
+        return softmax(*args, **kwargs)
+
+    monkeypatch.setattr(type(mem), "search", spy_search)
+    monkeypatch.setattr(attention_module.F, "softmax", spy_softmax)
+    with torch.no_grad():
+        got = memory_attention(queries, lk, lv, memory=mem)
+    assert torch.equal(got, want)
+    assert alive[1] is False  # the search's scores were freed before the softmax ran
