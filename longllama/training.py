@@ -72,6 +72,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     save_every: int = 100
+    # continue from a trained LongLLaMA directory (its weights and tokenizer) instead of from scratch
+    init_from: str | None = None
 
 
 def model_config(cfg: TrainConfig) -> LongLlamaConfig:
@@ -244,10 +246,13 @@ def train(
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tok_dir = out / "tokenizer"
-    if not (tok_dir / "tokenizer.model").is_file():
-        train_tokenizer(tok_dir, vocab_size=cfg.vocab_size, n_docs=cfg.tokenizer_docs, seed=cfg.seed)
+    if cfg.init_from is not None:
+        model = initial_model(cfg, tok_dir)
+    else:
+        if not (tok_dir / "tokenizer.model").is_file():
+            train_tokenizer(tok_dir, vocab_size=cfg.vocab_size, n_docs=cfg.tokenizer_docs, seed=cfg.seed)
+        model = LongLlamaForCausalLM(model_config(cfg))
     tokenizer = load_tokenizer(tok_dir)
-    model = LongLlamaForCausalLM(model_config(cfg))
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     log: list[dict] = []
@@ -299,6 +304,39 @@ def train(
     return export(out, model, log)
 
 
+_SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "mem_layers",
+)
+
+
+def initial_model(cfg: TrainConfig, tok_dir: Path) -> LongLlamaForCausalLM:
+    """The model of ``cfg.init_from`` (its tokenizer copied to ``tok_dir``); its shape must be ``cfg``'s."""
+    source = Path(cfg.init_from)
+    if not (source / "config.json").is_file() or not (source / "tokenizer.model").is_file():
+        raise ValueError(
+            f"init_from {str(source)!r} must be a LongLLaMA directory with config.json and tokenizer.model"
+        )
+    trained = LongLlamaForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
+    want, have = model_config(cfg), trained.config
+    wrong = [f"{f}: {getattr(have, f)!r} (the run asks for {getattr(want, f)!r})" for f in _SHAPE_FIELDS
+             if getattr(have, f) != getattr(want, f)]  # fmt: skip
+    if wrong:
+        raise ValueError(f"init_from {str(source)!r} has another shape: " + "; ".join(wrong))
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, tok_dir / name)
+    model = LongLlamaForCausalLM(want)
+    model.load_state_dict(trained.state_dict())
+    return model
+
+
 def export(out: Path, model: LongLlamaForCausalLM, log: list[dict]) -> Path:
     """Write the run's log and ``out/model`` (safetensors weights, config, SentencePiece tokenizer)."""
     (out / "log.jsonl").write_text("".join(json.dumps(m) + "\n" for m in log))
@@ -332,7 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, default=None, help="end after this many steps of the schedule")
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, list):
+        if name == "init_from":
+            p.add_argument(
+                flag, default=None, help="continue from this LongLLaMA directory (weights + tokenizer)"
+            )
+        elif isinstance(value, list):
             p.add_argument(flag, type=lambda s: [int(x) for x in s.split(",")], default=value)
         else:
             p.add_argument(flag, type=type(value), default=value)

@@ -180,3 +180,23 @@ def test_training_loss_falls_and_resume_is_exact(tmp_path):
     train(cfg, stop_dir, resume=True, progress=False)
     resumed = [json.loads(line) for line in (stop_dir / "log.jsonl").read_text().splitlines()]
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in log], rel=1e-5)
+
+
+def test_training_can_continue_from_a_trained_model(tmp_path):
+    cfg = _tiny_run(steps=2)
+    source = train(cfg, tmp_path / "first", progress=False)
+    # no steps: the exported model is the source model, tokenizer included
+    same = train(_tiny_run(steps=2, init_from=str(source)), tmp_path / "copy", progress=False, stop_after=0)
+    a = LongLlamaForCausalLM.from_pretrained(source).state_dict()
+    b = LongLlamaForCausalLM.from_pretrained(same).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (same / "tokenizer.model").read_bytes() == (source / "tokenizer.model").read_bytes()
+    # a continued run starts from the trained weights: its first loss is the source run's last one's level
+    train(_tiny_run(steps=2, init_from=str(source)), tmp_path / "more", progress=False)
+    first = [json.loads(line)["loss"] for line in (tmp_path / "first" / "log.jsonl").read_text().splitlines()]
+    more = [json.loads(line)["loss"] for line in (tmp_path / "more" / "log.jsonl").read_text().splitlines()]
+    assert more[0] < first[0]
+    with pytest.raises(ValueError, match=r"another shape: hidden_size: 32 \(the run asks for 64\)"):
+        train(_tiny_run(hidden_size=64, init_from=str(source)), tmp_path / "bad", progress=False)
+    with pytest.raises(ValueError, match=r"config\.json and tokenizer\.model"):
+        train(_tiny_run(init_from=str(tmp_path)), tmp_path / "bad2", progress=False)
