@@ -502,10 +502,56 @@ def _grouping_section(check: dict | None) -> list[str]:
         )
     lines += [
         "",
-        "No single score tensor exceeds the bound; several of them (scores, the masked copy, the scaled copy, "
-        "the concatenation with the local scores, the softmax) are alive together, hence the peak.",
+        "No single score tensor exceeds the bound. Without autograd the memory scores are scaled and clamped in "
+        "place inside the joint [local | memory] buffer and the search's own scores are freed before the "
+        "softmax, so two score-sized tensors (the joint buffer and the softmax output) are alive at once; "
+        "under autograd the copies the backward pass needs stay (about 4x).",
         "",
     ]
+    return lines
+
+
+def _memory_growth_section(folder: Path, readme: Path) -> list[str]:
+    """Bytes per memory token per backend over a long prefill (``benchmarks.memory_growth`` runs)."""
+    runs = sorted(folder.glob("*/memory_growth.json")) if folder.is_dir() else []
+    if not runs:
+        return []
+    lines = [
+        "## Memory per token over a long prefill (whole model)",
+        "",
+        "`python -m benchmarks.memory_growth` prefills the model in 4096-token calls, each backend in a fresh "
+        "process, and fits bytes per memory token to the resident memory (RSS) and to the backends' own "
+        "`nbytes` after every call. *peak/final* is the highest per-call peak RSS growth over the final RSS "
+        "growth: transient scratch (scores) shows there, a copy of the whole memory would show as >= 2 at every "
+        "size. One folder per run under `benchmarks/results/memory_growth/`.",
+        "",
+        "| run | model | backend | tokens | nbytes B/token | per layer-head | RSS B/token | RSS/nbytes | "
+        "peak/final | spikes | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in runs:
+        data = json.loads(path.read_text())
+        for row, run in zip(data["results"], data["runs"], strict=True):
+            config = run.get("config", {})
+            slots = len(config.get("mem_layers") or [1]) * config.get("num_attention_heads", 1)
+            ratio = row["rss_over_nbytes"]
+            lines.append(
+                f"| {path.parent.name} | {run['spec'].get('model', '?')} | {row['backend']} | "
+                f"{_size(row['tokens'])} | {row['nbytes_bytes_per_token']:.0f} | "
+                f"{row['nbytes_bytes_per_token'] / slots:.0f} | {row['rss_bytes_per_token']:.0f} | "
+                f"{_f(ratio, '.2f')} | {row['max_peak_over_final_growth']:.2f} | {len(row['spikes'])} | "
+                f"{row['seconds']:.0f} |"
+            )
+    lines.append("")
+    for path in runs:
+        note = path.parent / "note.txt"
+        if note.is_file():
+            lines.append(f"* `{path.parent.name}`: {' '.join(note.read_text().split())}")
+    lines.append("")
+    for path in runs:
+        png = path.parent / "memory_growth.png"
+        if png.is_file():
+            lines += [f"![{path.parent.name}]({os.path.relpath(png, readme.parent)})", ""]
     return lines
 
 
@@ -558,6 +604,7 @@ def write_report(results: Path = DEFAULT_OUT, readme: Path = README) -> Path:
         lines += ["## Side sweeps (k, heads, head_dim)", "", *_table(side, prefill=True)]
     lines += _plots_section(readme, plots)
     lines += _e2e_section(results / "end_to_end.jsonl")
+    lines += _memory_growth_section(results / "memory_growth", readme)
     lines += [METHOD, USAGE]
     readme.write_text("\n".join(lines).rstrip() + "\n")
     return readme
