@@ -613,26 +613,11 @@ class GroupRunner:
 
 
 def with_search_params(mem, knobs: dict[str, int]):
-    """The same memory with other search knobs (``nprobe``/``efSearch``), without retraining.
-
-    Uses the backend's ``set_search_params`` when it has one; otherwise rebuilds it from its saved
-    state with the new knobs (a copy of keys and index, no training).
-    """
+    """``mem`` with other search knobs (``nprobe``/``efSearch``), set in place without retraining."""
     if not knobs or getattr(mem, "index", None) is None:
         return mem
-    current = {k: v for k, v in mem.config().items() if k in knobs}
-    if current == knobs:
-        return mem
-    setter = getattr(mem, "set_search_params", None)
-    if callable(setter):
-        setter(**knobs)
-        return mem
-    state = mem.state()
-    state["config"].update(knobs)
-    for row in state["rows"]:
-        for head in row:
-            head["search_params"] = {**head["search_params"], **knobs}
-    return type(mem).from_state(state, device=mem.device)
+    mem.set_search_params(**knobs)
+    return mem
 
 
 def portable_argv(argv: list[str]) -> list[str]:

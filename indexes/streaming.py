@@ -184,6 +184,17 @@ class StreamingIndex:
         code_size = getattr(faiss.downcast_index(index), "code_size", self.dim * 4)
         return int(n * code_size)
 
+    def set_search_params(self, **params: int | None) -> None:
+        """Change search knobs (``nprobe=``, ``efSearch=``) without rebuilding or retraining.
+
+        ``None`` leaves a knob as it is. Raises ``ValueError`` (before changing anything) for a knob this
+        index has no use for or a value that is not a positive int.
+        """
+        new = {**self.search_params, **check_search_params(self.spec, params)}
+        if self._index is not None:
+            apply_search_params(self._index, new)
+        self.search_params = new
+
     def reset(self) -> None:
         """Drop every key and the index (its training too)."""
         self._chunks = []

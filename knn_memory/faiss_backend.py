@@ -106,6 +106,21 @@ class FaissBackend(MemoryBackend):
         """The index of one (row, head): for inspection and benchmarks."""
         return self._rows[row][head]
 
+    def set_search_params(self, *, nprobe: int | None = None, efSearch: int | None = None) -> None:
+        """Change ``nprobe`` / ``efSearch`` of every (row, head) index now and of those built later.
+
+        No rebuild or retraining; ``None`` leaves a knob as it is. ``ValueError`` for a knob the index has
+        no use for (e.g. ``nprobe`` on ``"HNSW32"``) or a value that is not a positive int, before anything
+        changes.
+        """
+        knobs = {"nprobe": nprobe, "efSearch": efSearch}
+        options = {**self.index_options, **{k: v for k, v in knobs.items() if v is not None}}
+        StreamingIndex(self.head_dim, self.index_spec, **options)  # validates; raises before any change
+        for row in self._rows:
+            for ix in row:
+                ix.set_search_params(**knobs)
+        self.index_options = options
+
     # ------------------------------------------------------------------ MemoryBackend
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         mask = self._check_add(keys, values, mask)

@@ -557,3 +557,17 @@ def test_no_grad_attention_equals_the_autograd_path_and_frees_the_search_scores(
         got = memory_attention(queries, lk, lv, memory=mem)
     assert torch.equal(got, want)
     assert alive[1] is False  # the search's scores were freed before the softmax ran
+
+
+def test_faiss_set_search_params_reaches_every_index_now_and_later():
+    mem = create_backend("faiss", num_heads=2, head_dim=8, batch_size=2, index="HNSW8", efSearch=4, top_k=3)
+    mem.add(torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8))
+    mem.set_search_params(efSearch=64)
+    assert all(mem.head_index(b, h).search_params == {"efSearch": 64} for b in range(2) for h in range(2))
+    mem.reset([1])
+    assert mem.head_index(1, 0).search_params == {"efSearch": 64} and mem.config()["efSearch"] == 64
+    with pytest.raises(ValueError, match=r"nprobe=4 does not apply to index 'HNSW8'"):
+        mem.set_search_params(nprobe=4)
+    with pytest.raises(ValueError, match="efSearch must be a positive int"):
+        mem.set_search_params(efSearch=-1)
+    assert mem.head_index(0, 1).search_params == {"efSearch": 64} and mem.config()["efSearch"] == 64

@@ -199,7 +199,7 @@ def test_with_search_params_changes_the_knob_without_retraining():
     mem.add(keys, keys)
     trainings = mem.head_index(0, 0).trainings
     other = scaling.with_search_params(mem, {"nprobe": 32})
-    assert other.config()["nprobe"] == 32
+    assert other is mem and other.config()["nprobe"] == 32
     assert other.head_index(0, 0).trainings == trainings
     q = torch.randn(1, 1, 8, 16)
     exact = knn_memory.create_backend("faiss", num_heads=1, head_dim=16, index="Flat", top_k=8)

@@ -490,3 +490,19 @@ def test_forked_child_can_use_faiss():
             pytest.fail("a child forked after multi-threaded Faiss use hung in Faiss")
     assert child.exitcode == 0
     assert queue.get(timeout=5) == (True, [1, 1, 1])
+
+
+def test_set_search_params_in_place_equals_a_rebuilt_index(clustered):
+    keys, queries, _ = clustered
+    index = StreamingIndex(16, "IVF32,Flat", nprobe=1)
+    index.add(keys)
+    rebuilt = with_search_params(index, nprobe=8)
+    index.set_search_params(nprobe=8)
+    assert index.search_params == {"nprobe": 8} and index.trainings == 1
+    a, b = index.search(queries, 10), rebuilt.search(queries, 10)
+    assert torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match=r"efSearch=16 does not apply to index 'IVF32,Flat'"):
+        index.set_search_params(efSearch=16)
+    with pytest.raises(ValueError, match="nprobe must be a positive int, got 0"):
+        index.set_search_params(nprobe=0)
+    assert index.search_params == {"nprobe": 8}
