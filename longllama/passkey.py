@@ -147,9 +147,13 @@ def run_passkey(
     *,
     last_context_length: int | None = None,
     label: str = "",
+    progress: bool = False,
 ) -> PasskeyResult:
-    """Greedy-decode the answer of ``prompt`` and score it exactly as upstream."""
-    with PeakRSS() as rss:
+    """Greedy-decode the answer of ``prompt`` and score it exactly as upstream.
+
+    ``progress`` shows a bar of the tokens the model has read (prefill windows and generated tokens).
+    """
+    with PeakRSS() as rss, _token_progress(model, prompt, progress, label):
         start = time.perf_counter()
         out = model.generate(
             prompt.input_ids.to(model.device),
@@ -175,6 +179,31 @@ def run_passkey(
         seconds=seconds,
         peak_rss_bytes=rss.peak,
     )
+
+
+@contextlib.contextmanager
+def _token_progress(model, prompt: PasskeyPrompt, enabled: bool, label: str):
+    """A tqdm bar fed by a forward hook on the first decoder layer: one update per window or step."""
+    if not enabled:
+        yield
+        return
+    from tqdm import tqdm
+
+    total = prompt.n_tokens + len(prompt.answer_ids)
+    bar = tqdm(
+        total=total, unit="tok", unit_scale=True, leave=False, desc=f"{label or 'run'} {prompt.length}"
+    )
+
+    def count(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        bar.update(min(int(hidden.shape[1]), total - bar.n))
+
+    handle = model.model.layers[0].register_forward_hook(count, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        bar.close()
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ import knn_memory
 from longllama.cli_args import BadArguments, OneLineParser, parse_backend, parse_token_count
 from longllama.passkey import PasskeyResult, make_prompt, memory_settings, run_passkey, summarize
 
+INNER_PROGRESS_FROM = 32768  # prompts this long also get a bar of the tokens read within the run
+
 
 def parse_length(text: str) -> int:
     """``"4k"`` -> 4096: a prompt length in tokens (at least 64)."""
@@ -267,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                 prompts[key] = make_prompt(tokenizer, n, seed, depth)
             with memory_settings(model, **cfg):
                 r = run_passkey(
-                    model, tokenizer, prompts[key], last_context_length=args.last_context_length, label=label
+                    model,
+                    tokenizer,
+                    prompts[key],
+                    last_context_length=args.last_context_length,
+                    label=label,
+                    progress=not args.no_progress and n >= INNER_PROGRESS_FROM,
                 )
             results.append(r)
             log.write(json.dumps(asdict(r)) + "\n")

@@ -156,3 +156,26 @@ def test_parsers():
     assert parse_backend("faiss:IVF64,Flat") == {"mem_backend": "faiss", "mem_index": "IVF64,Flat"}
     with pytest.raises(ValueError, match=r"must be .exact."):
         parse_backend("exact:Flat")
+
+
+def test_run_progress_counts_every_token_read(embedded, monkeypatch):
+    import tqdm as tqdm_module
+
+    model, tok = embedded
+    bars = []
+    real = tqdm_module.tqdm
+
+    class Recording(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False})
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm_module, "tqdm", Recording)
+    prompt = make_prompt(tok, 512, seed=3)
+    plain = run_passkey(model, tok, prompt, label="exact")
+    shown = run_passkey(model, tok, prompt, label="exact", progress=True)
+    assert shown.output == plain.output
+    assert len(bars) == 1 and bars[0].total == prompt.n_tokens + len(prompt.answer_ids)
+    # every prefill window and every generated token but the last (it is never fed back) was counted
+    assert bars[0].n == prompt.n_tokens + len(prompt.answer_ids) - 1
+    assert not model.model.layers[0]._forward_hooks  # the hook is gone
