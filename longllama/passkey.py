@@ -137,6 +137,9 @@ class PasskeyResult:
     correct: bool
     seconds: float
     peak_rss_bytes: int
+    # the lowest probability the model gave a correct answer token while following its own greedy output
+    # (at the first wrong token, that step's probability of the right one); None in older result files
+    answer_prob: float | None = None
 
 
 @torch.no_grad()
@@ -163,9 +166,11 @@ def run_passkey(
             do_sample=False,
             last_context_length=last_context_length,
             pad_token_id=model.config.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
         )
         seconds = time.perf_counter() - start
-    generated = out[0, prompt.input_ids.shape[1] :].tolist()
+    generated = out.sequences[0, prompt.input_ids.shape[1] :].tolist()
     return PasskeyResult(
         backend=label,
         length=prompt.length,
@@ -178,7 +183,26 @@ def run_passkey(
         correct=generated == prompt.answer_ids,
         seconds=seconds,
         peak_rss_bytes=rss.peak,
+        answer_prob=answer_probability(out.logits, generated, prompt.answer_ids),
     )
+
+
+def answer_probability(logits: tuple[torch.Tensor, ...], generated: list[int], answer: list[int]) -> float:
+    """Lowest softmax probability of a correct answer token along the greedy output.
+
+    Args:
+        logits: per generated step, the raw next-token logits [1, V].
+        generated, answer: token ids of the greedy output and of the right answer.
+
+    Steps are scored while the output still matches the answer; the first wrong step contributes the
+    probability it gave the right token, and scoring stops there (later steps follow a wrong prefix).
+    """
+    lowest = 1.0
+    for scores, got, want in zip(logits, generated, answer, strict=False):
+        lowest = min(lowest, torch.softmax(scores[0].float(), dim=-1)[want].item())
+        if got != want:
+            break
+    return lowest
 
 
 @contextlib.contextmanager
@@ -248,10 +272,15 @@ def summarize(results: list[PasskeyResult], by_depth: bool = False) -> list[dict
                 "accuracy": acc,
                 "ci95": [lo, hi],
                 "mean_seconds": sum(r.seconds for r in rs) / n,
+                "mean_answer_prob": _mean([r.answer_prob for r in rs if r.answer_prob is not None]),
                 "peak_rss_mib": max(r.peak_rss_bytes for r in rs) / 2**20,
             }
         )
     return rows
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:

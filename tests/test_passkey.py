@@ -179,3 +179,28 @@ def test_run_progress_counts_every_token_read(embedded, monkeypatch):
     # every prefill window and every generated token but the last (it is never fed back) was counted
     assert bars[0].n == prompt.n_tokens + len(prompt.answer_ids) - 1
     assert not model.model.layers[0]._forward_hooks  # the hook is gone
+
+
+def test_answer_probability_follows_the_greedy_output():
+    from longllama.passkey import answer_probability
+
+    def step(probs):
+        return torch.tensor(probs).log()[None]  # [1, V] logits whose softmax is ``probs``
+
+    logits = (step([0.1, 0.7, 0.2]), step([0.6, 0.3, 0.1]), step([0.2, 0.2, 0.6]))
+    # right all along: the lowest of the right tokens' probabilities
+    assert answer_probability(logits, [1, 0, 2], [1, 0, 2]) == pytest.approx(0.6)
+    # wrong at the second step: that step's probability of the right token, nothing after it
+    assert answer_probability(logits, [1, 0, 2], [1, 1, 0]) == pytest.approx(0.3)
+    assert answer_probability(logits, [1, 0, 2], [2, 0, 2]) == pytest.approx(0.2)
+
+
+def test_results_record_the_answer_probability_and_old_files_still_load(embedded, tmp_path):
+    from longllama.passkey_cli import read_results
+
+    model, tok = embedded
+    r = run_passkey(model, tok, make_prompt(tok, 512, seed=0), label="exact")
+    assert r.correct and 0.5 < r.answer_prob <= 1.0
+    old = {k: v for k, v in json.loads(json.dumps(r.__dict__)).items() if k != "answer_prob"}
+    (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
+    assert read_results(tmp_path / "results.jsonl")[0].answer_prob is None
