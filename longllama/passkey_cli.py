@@ -137,9 +137,14 @@ def read_results(path: Path) -> list[PasskeyResult]:
 
 
 def write_report(results: list[PasskeyResult], out: Path, args: dict) -> str:
-    """Write ``summary.json``, ``passkey.png`` (and ``passkey_depth.png`` when depths were fixed); the table."""
-    summary = summarize(results)
+    """Write ``summary.json``, ``passkey.png`` (and ``passkey_depth.png`` when depths were fixed); the table.
+
+    The length table and plot count the runs with a random needle depth (all runs when none has one);
+    the runs with fixed depths are summarized per depth.
+    """
     fixed = [r for r in results if r.depth is not None]
+    # the length table counts the random-depth runs; a depth sweep gets its own table (unless it is all)
+    summary = summarize([r for r in results if r.depth is None] or results)
     depth_summary = summarize(fixed, by_depth=True) if fixed else []
     report = {"args": args, "summary": summary}
     if depth_summary:

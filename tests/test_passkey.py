@@ -149,6 +149,12 @@ def test_cli_depth_sweep_and_summarize_only(tmp_path, capsys):
     assert main(["--out", str(out), "--summarize-only"]) == 0
     report = json.loads((out / "summary.json").read_text())
     assert report["summary"][0]["runs"] == 5 and (out / "passkey.png").is_file()
+    # random-depth runs, once there are some, are what the length table counts
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(dict(rows[0], seed=9, depth=None)) + "\n")
+    assert main(["--out", str(out), "--summarize-only"]) == 0
+    report = json.loads((out / "summary.json").read_text())
+    assert [r["runs"] for r in report["summary"]] == [1] and len(report["by_depth"]) == 2
 
 
 def test_parsers():
