@@ -422,7 +422,7 @@ def _findings(points: list[dict], check: dict | None, all_rows: list[dict]) -> l
     return ["## Reading these numbers", "", *[f"* {b}" for b in out], ""]
 
 
-def _gather_section(points: list[dict]) -> list[str]:
+def _gather_section(points: list[dict], check: dict | None = None) -> list[str]:
     """Where a backend search spends its time beyond the index: the gather of the retrieved values."""
     rows = [
         r
@@ -447,6 +447,18 @@ def _gather_section(points: list[dict]) -> list[str]:
             f"{r['index_search_s']:.3g} | {max(share, 0):.0%} |"
         )
     lines.append("")
+    flat = (check or {}).get("flat") or {}
+    if flat.get("backend_search_s") and flat.get("index_search_s"):
+        times = sorted(r["time"] for r in rows if r.get("time"))
+        span = f" were measured {times[0][:16]} to {times[-1][:16]}" if times else ""
+        share = max(1 - flat["index_search_s"] / flat["backend_search_s"], 0)
+        lines += [
+            f"These sweep rows{span}; `benchmarks.backend_check` at {check.get('time', '?')[:16]} "
+            f"({_size(flat['n_keys'])} keys, {flat['queries']} queries, k={flat['k']}): backend "
+            f"{flat['backend_search_s']:.3g} s, index {flat['index_search_s']:.3g} s, value gather "
+            f"{flat.get('value_gather_s', 0):.3g} s ({share:.0%} outside the index).",
+            "",
+        ]
     return lines
 
 
@@ -589,7 +601,7 @@ def write_report(results: Path = DEFAULT_OUT, readme: Path = README) -> Path:
         *_million_target(points),
         *_bytes_section(points),
         *_grouping_section(check),
-        *_gather_section(points),
+        *_gather_section(points, check),
     ]
     by_source = defaultdict(list)
     for r in points:
