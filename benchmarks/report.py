@@ -356,7 +356,9 @@ def _table(points: list[dict], prefill: bool) -> list[str]:
     return lines
 
 
-def _findings(points: list[dict], check: dict | None, all_rows: list[dict]) -> list[str]:
+def _findings(
+    points: list[dict], check: dict | None, all_rows: list[dict], side: list[dict] | None = None
+) -> list[str]:
     """Bullet points computed from the results (each only when its data is there)."""
     out = []
     loads = [r.get("load_avg_1m") for r in all_rows if r.get("kind") == "run" and r.get("load_avg_1m")]
@@ -411,7 +413,22 @@ def _findings(points: list[dict], check: dict | None, all_rows: list[dict]) -> l
         )
     from benchmarks.capture import embedded_checkpoint
 
-    if embedded_checkpoint() is not None and not any(r["source"].startswith("captured") for r in points):
+    measured = points + (side or [])
+    captured = [
+        r
+        for r in measured
+        if r["source"].startswith("captured") and r["queries"] > 1 and r.get("recall_mean")
+    ]
+    if captured:
+        n = max(r["n_keys"] for r in captured)
+        at_n = sorted((r for r in captured if r["n_keys"] == n), key=_index)
+        out.append(
+            f"On keys and queries captured from the embedded model ({captured[0]['source']}, N = {_size(n)}, "
+            f"d = {captured[0].get('head_dim', '?')}), recall@k: "
+            + ", ".join(f"{_index(r)} {_knob(r)} {r['recall_mean']:.2f}".replace("  ", " ") for r in at_n)
+            + "."
+        )
+    if embedded_checkpoint() is not None and not captured:
         out.append(
             "The package ships a trained model now, but its captured keys and queries are not in these tables "
             "yet (only synthetic sources were run here): `python -m benchmarks.capture` records them and the "
@@ -594,7 +611,7 @@ def write_report(results: Path = DEFAULT_OUT, readme: Path = README) -> Path:
         "every number below comes from those files.",
         "",
         *_machine_section(all_rows, check),
-        *_findings(points, check, all_rows),
+        *_findings(points, check, all_rows, side),
         "## Targets",
         "",
         *_flat_target(points, check),
