@@ -159,7 +159,9 @@ def _measure(spec: dict) -> dict:
                 "local_nbytes": account["local"],
             }
         )
-    return {"spec": spec, "samples": samples, "peak_per_chunk": peak_reset, "config": model.config.to_dict()}
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)  # a path on the measuring machine; the spec names the model
+    return {"spec": spec, "samples": samples, "peak_per_chunk": peak_reset, "config": config}
 
 
 # ---------------------------------------------------------------------- analysis (in the parent)
