@@ -179,33 +179,21 @@ def test_sigkill_during_save_leaves_the_previous_memory(tmp_path):
 
 
 # ---------------------------------------------------------------------- (b) a write that fails
-def _count_calls(monkeypatch, target: str) -> list[int]:
+def _patch_calls(monkeypatch, target: str, fail_at: int | None = None) -> list[int]:
+    """Count the calls of ``target`` ("os.fsync", "torch.save", ...); the ``fail_at``-th raises ENOSPC."""
     module, name = target.rsplit(".", 1)
     owner = {"os": os, "torch": torch}[module]
     real = getattr(owner, name)
     calls = [0]
 
-    def counting(*args, **kwargs):
+    def patched(*args, **kwargs):
         calls[0] += 1
+        if calls[0] == fail_at:
+            raise OSError(28, f"No space left on device (simulated, {target} call {fail_at})")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(owner, name, counting)
+    monkeypatch.setattr(owner, name, patched)
     return calls
-
-
-def _fail_at(monkeypatch, target: str, n: int) -> None:
-    module, name = target.rsplit(".", 1)
-    owner = {"os": os, "torch": torch}[module]
-    real = getattr(owner, name)
-    calls = [0]
-
-    def failing(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == n:
-            raise OSError(28, f"No space left on device (simulated, {target} call {n})")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, failing)
 
 
 @pytest.mark.parametrize("target", ["torch.save", "os.fsync", "os.replace"])
@@ -221,12 +209,12 @@ def test_failed_write_raises_and_keeps_the_previous_memory(tmp_path, monkeypatch
 
     shutil.copytree(path, tmp_path / "v1")
     with monkeypatch.context() as patch:  # how many calls does one save over an existing one make?
-        calls = _count_calls(patch, target)
+        calls = _patch_calls(patch, target)
         model.save_memory(model.load_memory(path), path)
     assert calls[0] >= 2 and same_state(cache_state(model.load_memory(path)), v1)
     for n in range(1, calls[0] + 1):
         with monkeypatch.context() as patch:
-            _fail_at(patch, target, n)
+            _patch_calls(patch, target, fail_at=n)
             with pytest.raises(OSError, match=r"simulated"):
                 model.save_memory(cache, path)
         assert leftovers(path) == [], (target, n)
@@ -250,7 +238,7 @@ def test_failed_backend_save_keeps_the_previous_memory(tmp_path, monkeypatch):
     mem.save(tmp_path / "m")
     before = load_backend(tmp_path / "m").state()
     mem.add(torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g))
-    _fail_at(monkeypatch, "os.replace", 1)
+    _patch_calls(monkeypatch, "os.replace", fail_at=1)
     with pytest.raises(OSError, match=r"simulated"):
         mem.save(tmp_path / "m")
     assert leftovers(tmp_path / "m") == []
