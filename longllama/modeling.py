@@ -276,6 +276,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         return_dict: bool | None = None,
         last_context_length: int | None = None,
         cache: LongLlamaCache | None = None,
+        **kwargs: object,
     ) -> BaseModelOutputWithPast | tuple:
         """Run an input of any length, window by window.
 
@@ -291,6 +292,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 it goes into memory like the other windows.
             output_hidden_states: also return the hidden states of every layer (windows concatenated).
             last_context_length: tokens of this input kept out of memory (default from the config).
+            **kwargs: ignored; what ``generate()`` passes to every model (e.g. ``tokenizer`` with
+                ``stop_strings``), accepted as transformers' LLaMA does.
 
         Returns:
             ``BaseModelOutputWithPast`` with ``last_hidden_state`` [B, n, D] and the cache (``None`` only when
@@ -518,6 +521,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         last_context_length: int | None = None,
         cache: LongLlamaCache | None = None,
         logits_to_keep: int = 0,
+        **kwargs: object,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits of every position of an input of any length (see :meth:`LongLlamaModel.forward`).
 
@@ -526,7 +530,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
                 ``logits[:, :-1]`` against ``labels[:, 1:]`` over all windows.
             logits_to_keep: if > 0, compute logits only for the last this many positions (``generate()``
                 uses 1).
-            (other arguments: as :meth:`LongLlamaModel.forward`.)
+            (other arguments, and ``**kwargs``, which are ignored: as :meth:`LongLlamaModel.forward`.)
 
         Returns:
             ``CausalLMOutputWithPast``: ``logits`` [B, n, V], ``loss``, and the cache as ``cache`` (readable
