@@ -38,7 +38,7 @@ from longllama.configuration import LongLlamaConfig
 from longllama.crossbatch import CrossBatchPlan, make_plan, parse_mix
 from longllama.modeling import LongLlamaForCausalLM, WindowContext, build_attention_mask
 from longllama.rope import relative_positions
-from longllama.tokenizer import load_tokenizer
+from longllama.tokenizer import SAVED_TOKENIZER_FILE, load_tokenizer
 from longllama.tokenizer_training import train_tokenizer
 from longllama.training_data import encode_document, make_document
 
@@ -304,6 +304,14 @@ def train(
     return export(out, model, log)
 
 
+# the tokenizer files a run copies from --init-from and into its exported model, where present
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    SAVED_TOKENIZER_FILE,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
 _SHAPE_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -318,9 +326,11 @@ _SHAPE_FIELDS = (
 def initial_model(cfg: TrainConfig, tok_dir: Path) -> LongLlamaForCausalLM:
     """The model of ``cfg.init_from`` (its tokenizer copied to ``tok_dir``); its shape must be ``cfg``'s."""
     source = Path(cfg.init_from)
-    if not (source / "config.json").is_file() or not (source / "tokenizer.model").is_file():
+    has_tokenizer = (source / "tokenizer.model").is_file() or (source / SAVED_TOKENIZER_FILE).is_file()
+    if not (source / "config.json").is_file() or not has_tokenizer:
         raise ValueError(
-            f"init_from {str(source)!r} must be a LongLLaMA directory with config.json and tokenizer.model"
+            f"init_from {str(source)!r} must be a LongLLaMA directory with config.json and tokenizer.model "
+            f"(SentencePiece) or {SAVED_TOKENIZER_FILE} (written by tokenizer.save_pretrained)"
         )
     trained = LongLlamaForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
     want, have = model_config(cfg), trained.config
@@ -329,7 +339,7 @@ def initial_model(cfg: TrainConfig, tok_dir: Path) -> LongLlamaForCausalLM:
     if wrong:
         raise ValueError(f"init_from {str(source)!r} has another shape: " + "; ".join(wrong))
     tok_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
+    for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, tok_dir / name)
     model = LongLlamaForCausalLM(want)
@@ -338,16 +348,16 @@ def initial_model(cfg: TrainConfig, tok_dir: Path) -> LongLlamaForCausalLM:
 
 
 def export(out: Path, model: LongLlamaForCausalLM, log: list[dict]) -> Path:
-    """Write the run's log and ``out/model`` (safetensors weights, config, SentencePiece tokenizer)."""
+    """Write the run's log and ``out/model`` (safetensors weights, config, the run's tokenizer files)."""
     (out / "log.jsonl").write_text("".join(json.dumps(m) + "\n" for m in log))
     model_dir = out / "model"
     model.eval()
     model.save_pretrained(model_dir, safe_serialization=True)
-    for name in (
-        "tokenizer.model",
-        "tokenizer_config.json",
-    ):  # the SentencePiece model itself, as upstream ships
-        shutil.copyfile(out / "tokenizer" / name, model_dir / name)
+    # the tokenizer as the run has it: the SentencePiece model itself, as upstream ships, or the files a
+    # tokenizer.save_pretrained directory holds when the run started from one
+    for name in TOKENIZER_FILES:
+        if (out / "tokenizer" / name).is_file():
+            shutil.copyfile(out / "tokenizer" / name, model_dir / name)
     return model_dir
 
 

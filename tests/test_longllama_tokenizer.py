@@ -72,3 +72,36 @@ def test_model_runs_on_tokenizer_ids(spm_dir, longllama_config):
     generated = model.generate(**batch, max_new_tokens=5, last_context_length=8)
     assert generated.shape == (2, batch.input_ids.shape[1] + 5)
     assert isinstance(tokenizer.batch_decode(generated[:, -5:]), list)
+
+
+@pytest.mark.parametrize("source", ["embedded", "spm"])
+def test_load_tokenizer_from_a_save_pretrained_directory(source, spm_dir, tmp_path):
+    from longllama import embedded_model_path
+    from longllama.passkey import prompt_text
+
+    original = load_tokenizer(embedded_model_path() if source == "embedded" else spm_dir)
+    saved = tmp_path / "saved"
+    original.save_pretrained(saved)
+    (saved / "tokenizer.model").unlink(missing_ok=True)
+    assert (saved / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer(saved)
+    text, key = prompt_text(1000, seed=5)  # a passkey prompt with 1000 characters of filler
+    ids = tokenizer(text).input_ids
+    assert ids == original(text).input_ids
+    assert len(ids) > 100 and ids[0] == tokenizer.bos_token_id == 1 and ids[-1] != tokenizer.eos_token_id
+    assert ids_without_bos(tokenizer, str(key)) == ids_without_bos(original, str(key))
+    assert tokenizer.pad_token_id == original.pad_token_id == 0
+    # the BOS/EOS defaults can still be overridden
+    assert load_tokenizer(saved, add_bos_token=False)("The sky").input_ids == ids_without_bos(
+        original, "The sky"
+    )
+
+
+def ids_without_bos(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_load_tokenizer_names_what_a_directory_lacks(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.model or a tokenizer\.json"):
+        load_tokenizer(tmp_path)

@@ -200,3 +200,22 @@ def test_training_can_continue_from_a_trained_model(tmp_path):
         train(_tiny_run(hidden_size=64, init_from=str(source)), tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match=r"config\.json and tokenizer\.model"):
         train(_tiny_run(init_from=str(tmp_path)), tmp_path / "bad2", progress=False)
+
+
+def test_training_continues_from_a_directory_with_a_save_pretrained_tokenizer(tmp_path):
+    from longllama import load_tokenizer
+
+    source = train(_tiny_run(steps=2), tmp_path / "first", progress=False)
+    converted = tmp_path / "converted"
+    LongLlamaForCausalLM.from_pretrained(source).save_pretrained(converted)
+    load_tokenizer(source).save_pretrained(converted)
+    (converted / "tokenizer.model").unlink(missing_ok=True)
+    same = train(
+        _tiny_run(steps=2, init_from=str(converted)), tmp_path / "copy", progress=False, stop_after=0
+    )
+    assert not (same / "tokenizer.model").exists() and (same / "tokenizer.json").is_file()
+    text = "The pass key is 71432. " + EVAL_FILLER
+    assert load_tokenizer(same)(text).input_ids == load_tokenizer(source)(text).input_ids
+    a = LongLlamaForCausalLM.from_pretrained(source).state_dict()
+    b = LongLlamaForCausalLM.from_pretrained(same).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
