@@ -22,8 +22,11 @@ and :meth:`LongLlamaConfig.check` runs the checks that involve several fields; a
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from dataclasses import field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -32,6 +35,15 @@ from transformers import PreTrainedConfig
 import knn_memory
 
 MEM_DTYPES = ("float32", "float16", "bfloat16")
+
+# save_pretrained writes this module beside the weights and points config.json's auto_map at it, so that
+# transformers' Auto classes load the checkpoint with trust_remote_code=True without importing the library
+REMOTE_CODE_FILE = "longllama_remote.py"
+REMOTE_AUTO_MAP = {
+    "AutoConfig": "longllama_remote.LongLlamaConfig",
+    "AutoModel": "longllama_remote.LongLlamaModel",
+    "AutoModelForCausalLM": "longllama_remote.LongLlamaForCausalLM",
+}
 
 
 def _is_int(value: object) -> bool:
@@ -267,6 +279,27 @@ class LongLlamaConfig(PreTrainedConfig):
                 )
         if self.last_context_length > self.max_position_embeddings:
             _warn_long_last_context(self.last_context_length, self.max_position_embeddings)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write ``config.json`` with an ``auto_map`` and the remote-code module it names, beside it.
+
+        The module (``longllama_remote.py``) only imports this library's classes, so that
+        ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads the checkpoint in an
+        interpreter that never imported ``longllama`` (the library must be installed). The ``auto_map``
+        entries of another implementation (e.g. an upstream checkpoint's) are replaced.
+        """
+        self.auto_map = {**(getattr(self, "auto_map", None) or {}), **REMOTE_AUTO_MAP}
+        os.makedirs(save_directory, exist_ok=True)
+        shutil.copyfile(Path(__file__).with_name(REMOTE_CODE_FILE), Path(save_directory) / REMOTE_CODE_FILE)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
+        """Does nothing: ``save_pretrained`` always writes the ``auto_map`` and its remote-code module.
+
+        transformers calls this on classes it loads as remote code; it would make later saves copy this
+        library's source files beside the weights instead of the one-import module.
+        """
 
     def memory_backend_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`knn_memory.create_backend` besides the geometry and the device."""

@@ -203,6 +203,15 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
     # memory cannot be rolled back, so assisted generation is refused
     _is_stateful = True
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModel") -> None:
+        """Does nothing: the config's ``save_pretrained`` writes the ``auto_map`` and its remote-code module.
+
+        transformers calls this on classes it loads as remote code (see
+        :meth:`LongLlamaConfig.save_pretrained`); it would make later saves copy this library's source
+        files beside the weights.
+        """
+
 
 def build_attention_mask(real: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask of ``query_length`` new tokens over ``real.shape[1]`` local keys (the new ones last).
