@@ -15,6 +15,9 @@ Added for the memory backend (all optional; the defaults reproduce upstream's de
 * ``mem_index_params``: further backend options (``{"nprobe": 32}``, ``{"efSearch": 64}``, ...);
 * ``mem_device``: where memory lives (``None``: next to the activations).
 
+Added for batches: ``window_alignment`` (``"start"``, upstream's split, or ``"end"``: window boundaries
+counted back from the input's end, so left padding never moves them; see :func:`longllama.split_windows`).
+
 Every field is checked when it is set (construction, ``from_pretrained`` keyword overrides, assignment),
 and :meth:`LongLlamaConfig.check` runs the checks that involve several fields; a bad value raises
 ``ValueError``/``TypeError`` naming the field.
@@ -33,6 +36,7 @@ import torch
 from transformers import PreTrainedConfig
 
 import knn_memory
+from longllama.windows import WINDOW_ALIGNMENTS
 
 MEM_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -140,6 +144,16 @@ def _normalize_mem_device(value: object) -> str | None:
     return value
 
 
+def _normalize_window_alignment(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(
+            f"window_alignment must be one of {list(WINDOW_ALIGNMENTS)}, got {type(value).__name__} {value!r}"
+        )
+    if value not in WINDOW_ALIGNMENTS:
+        raise ValueError(f"window_alignment must be one of {list(WINDOW_ALIGNMENTS)}, got {value!r}")
+    return value
+
+
 def _normalize_rope_scaling(value: object) -> None:
     if value is not None:
         raise ValueError(f"rope_scaling must be None: LongLLaMA does not use RoPE scaling, got {value!r}")
@@ -186,6 +200,7 @@ _FIELD_CHECKS = {
     "mem_index": _normalize_mem_index,
     "mem_index_params": _normalize_mem_index_params,
     "mem_device": _normalize_mem_device,
+    "window_alignment": _normalize_window_alignment,
 }
 
 
@@ -215,6 +230,10 @@ class LongLlamaConfig(PreTrainedConfig):
         mem_index: Faiss ``index_factory`` string for the ``"faiss"`` backend (None: ``"Flat"``).
         mem_index_params: extra backend options, e.g. ``{"nprobe": 32}``.
         mem_device: device for the memory (None: the activations' device).
+        window_alignment: where a long input's window boundaries lie: ``"start"`` (upstream) at multiples
+            of W from the input's start, ``"end"`` at multiples of W counted back from its end (the final
+            window is the last ``last_context_length`` tokens either way). With ``"end"`` a left-padded
+            row is split exactly as it is alone, so a left-padded batch gives each row's unbatched result.
     """
 
     model_type: ClassVar[str] = "longllama"
@@ -248,6 +267,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_index: str | None = None
     mem_index_params: dict[str, Any] | None = None
     mem_device: str | None = None
+    window_alignment: str = "start"
 
     def __setattr__(self, key: str, value: Any) -> None:
         check = _FIELD_CHECKS.get(key)

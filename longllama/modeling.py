@@ -8,7 +8,9 @@ Read top to bottom: RMSNorm and MLP (plain LLaMA), the attention layer, the deco
 How one call runs (upstream LongLLaMA's semantics, see ``split_windows``):
 
 * The input is split into windows; the prefix windows go into memory, the final window (the last
-  ``last_context_length`` tokens) stays in the local cache.
+  ``last_context_length`` tokens) stays in the local cache. ``config.window_alignment`` places the prefix
+  windows' boundaries from the input's start (upstream) or counted back from its end (left padding then
+  never moves them).
 * A prefix window with no local cache yet attends causally to itself plus the whole memory, and *after* its
   attention its un-rotated keys and values enter the memory of every memory layer.
 * With a local cache (continuation, generation, or a later prefix window of such a call), new tokens join the
@@ -354,7 +356,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
 
         hidden_parts: list[torch.Tensor] = []
         layer_parts: list[list[torch.Tensor]] = []
-        for begin, end in split_windows(n, config.max_position_embeddings, last_context_length):
+        window_length, alignment = config.max_position_embeddings, config.window_alignment
+        for begin, end in split_windows(n, window_length, last_context_length, alignment):
             local = state.local_length
             final = end == n
             # a prefix window keeps a local cache only if one already exists (upstream)
