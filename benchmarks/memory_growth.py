@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import knn_memory
 from longllama.cli_args import BadArguments, OneLineParser, parse_backend, parse_token_count
 
 MIB = 1 << 20
@@ -321,9 +322,7 @@ def _specs(args: argparse.Namespace) -> list[dict]:
         settings = parse_backend(text)
         params = {}
         if settings["mem_backend"] == "faiss":  # each search knob goes to the indexes that have it
-            from indexes import parse_spec
-
-            accepted = parse_spec(settings["mem_index"], head_dim).search_params
+            accepted = knn_memory.search_knobs(settings["mem_index"], head_dim)
             knobs = (("nprobe", args.nprobe), ("efSearch", args.efSearch))
             params = {k: v for k, v in knobs if v is not None and k in accepted}
         spec = {
@@ -370,8 +369,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(measure(json.loads(args.child))))
             return 0
         specs = _specs(args)
-        import knn_memory
-
         for spec in specs:  # every backend setting is checked before the long part starts
             knn_memory.create_backend(
                 spec["mem_backend"],

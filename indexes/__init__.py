@@ -4,14 +4,19 @@ Knows nothing of attention, heads or models. Every public call validates its inp
 Faiss assertion aborts the process instead of raising.
 """
 
+from indexes.chunked import ChunkedTensor
 from indexes.gpu import MAX_GPU_K, MAX_GPU_NPROBE, faiss_has_gpu, parse_device
+from indexes.growth import AUTO, GrowthPolicy
 from indexes.spec import IndexSpec, parse_spec
 from indexes.streaming import StreamingIndex, check_k
 from indexes.threads import default_threads, faiss_threads, fan_out, fork_safe_context, set_faiss_threads
 
 __all__ = [
+    "AUTO",
     "MAX_GPU_K",
     "MAX_GPU_NPROBE",
+    "ChunkedTensor",
+    "GrowthPolicy",
     "IndexSpec",
     "StreamingIndex",
     "check_k",

@@ -3,17 +3,28 @@
 ``StreamingIndex`` is the unit the memory backends hold per (batch row, head). Keys arrive a window
 at a time and are never removed one by one.
 
-Policy for indexes that need training (IVF, PQ, SQ8...):
+**Where a key lives: in one place.**
 
-1. Until ``min_train_points`` keys are stored (39 per centroid by default), search is exact over the
-   stored keys: an index trained on too few keys has poor recall and Faiss warns about it.
+* Before an index exists (``"Flat"`` always; any other spec until it has enough keys to train), keys
+  live in a chunked store in ``store_dtype`` (the memory's dtype, e.g. bfloat16), searched exactly:
+  each chunk is widened to float32 a block at a time and handed to ``faiss.knn``.
+* Once an index exists, keys live in the index's own codes when those codes give the key back exactly
+  (raw float32 codes: ``IVF...,Flat``, ``HNSW...``; the ``"auto"`` index's bf16 / fp16 codes), and
+  retraining reads them back from there. Indexes with lossy codes (PQ, SQ8, residual scalar
+  quantizers...) keep the store beside their codes: their codes rank the candidates, the store is what
+  retraining reads.
+
+**When an index is (re)built**, for a Faiss ``index_factory`` spec:
+
+1. Until ``min_train_points`` keys are stored (39 per centroid by default), search is exact: an index
+   trained on too few keys has poor recall and Faiss warns about it.
 2. Then a fresh index is trained on a random sample of the keys so far and all keys are added to it.
 3. Whenever the memory has grown ``retrain_factor`` times since the last training (4x by default),
    the index is rebuilt from a new sample: keys drift over a long document, and an index trained on
    the first part loses recall on the rest (measured 0.95 -> 0.73 at nprobe 32).
 
-Keys live in fixed-size float32 chunks, so growth never copies the whole memory. ``"Flat"`` keeps
-only those chunks and searches them exactly with ``faiss.knn`` (CPU) or matmul + top-k (CUDA).
+For ``spec="auto"`` the schedule and the list count come from :class:`indexes.growth.GrowthPolicy`
+instead: exact while small, then an IVF whose list count grows like sqrt(N).
 """
 
 from __future__ import annotations
@@ -25,7 +36,10 @@ import faiss
 import numpy as np
 import torch
 
+from indexes.bounded_ivf import BoundedIVF, _decode_lists
+from indexes.chunked import ChunkedTensor
 from indexes.gpu import check_gpu_limits, index_to_gpu, parse_device
+from indexes.growth import AUTO, GrowthPolicy
 from indexes.spec import (
     IndexSpec,
     apply_search_params,
@@ -36,8 +50,11 @@ from indexes.spec import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 65536
-FIRST_CHUNK = 2048
+DEFAULT_CHUNK = 1 << 20  # keys per store chunk at most (chunks double up to this)
+FIRST_KEY_CHUNK = 8192  # keys in the first store chunk (then doubling)
+EXACT_BLOCK = 32768  # keys widened to float32 at once by the exact search of a narrower store
+ADD_BLOCK = 65536  # keys handed to Faiss per call while (re)building an index
+_STORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Specs that Faiss GPU can hold (besides "Flat", which runs as torch matmul + top-k on CUDA).
 _GPU_FAMILIES = ("IVF",)
 
@@ -75,21 +92,55 @@ def _hnsw_of(index: faiss.Index) -> faiss.HNSW | None:
     return getattr(index, "hnsw", None)
 
 
+def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _codes_are_keys(index: faiss.Index) -> bool:
+    """True when ``index`` stores every key so that it decodes back exactly (no second copy needed)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIVFFlat, faiss.IndexFlat)):
+        return True
+    if isinstance(index, faiss.IndexHNSWFlat):
+        return True
+    if isinstance(index, faiss.IndexIVFScalarQuantizer) and not index.by_residual:
+        return index.sq.qtype in (faiss.ScalarQuantizer.QT_fp16, faiss.ScalarQuantizer.QT_bf16)
+    return False
+
+
+def _decode_all(index: faiss.Index | BoundedIVF, n: int, dim: int) -> np.ndarray:
+    """Every key of an index whose codes are the keys, as float32 [n, d] in id order."""
+    if isinstance(index, BoundedIVF):
+        return index.decode_all()
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexIVF):
+        return _decode_lists(base, n, dim)
+    return index.reconstruct_n(0, n)
+
+
 class StreamingIndex:
     """Keys of one (row, head) memory, searchable by inner product.
 
     Args:
         dim: key dimension ``d``.
-        spec: Faiss ``index_factory`` string (inner product). ``"Flat"`` is exact.
+        spec: Faiss ``index_factory`` string (inner product), ``"Flat"`` (exact), or ``"auto"``
+            (:mod:`indexes.growth`).
         device: ``"cpu"`` or ``"cuda[:N]"``.
-        nprobe / efSearch: search-time knobs, where the index has them.
+        nprobe / efSearch: search-time knobs, where the index has them (``"auto"``: overrides the
+            policy's ``nprobe``).
         min_train_points: keys before the first training (default: 39 per centroid).
         retrain_factor: retrain (indexes that need training) when the memory grows by this factor
             since the last training; ``None`` never retrains.
         train_sample: keys sampled for training (default: up to 256 per centroid, at least
             ``min_train_points``).
-        chunk_size: keys per storage chunk.
+        chunk_size: keys per store chunk at most.
         seed: RNG seed of the training samples.
+        store_dtype: dtype of the key store (keys are expected to be exact in it already; the memory
+            backends round them to ``mem_dtype`` first).
+        policy: the ``"auto"`` policy (default :class:`GrowthPolicy`'s defaults); only with ``"auto"``.
     """
 
     def __init__(
@@ -105,16 +156,38 @@ class StreamingIndex:
         train_sample: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
         seed: int = 0,
+        store_dtype: torch.dtype = torch.float32,
+        policy: GrowthPolicy | None = None,
     ) -> None:
-        self.spec = spec if isinstance(spec, IndexSpec) else parse_spec(spec, dim)
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if spec == AUTO or (isinstance(spec, IndexSpec) and spec.spec == AUTO):
+            policy = policy or GrowthPolicy()
+            if not isinstance(policy, GrowthPolicy):
+                raise TypeError(f"policy must be a GrowthPolicy, got {type(policy).__name__}")
+            self.spec = IndexSpec(
+                spec=AUTO,
+                dim=dim,
+                is_flat=False,
+                needs_training=True,
+                nlist=0,
+                min_train_points=policy.exact_until,
+                search_params=("nprobe",),
+            )
+        else:
+            if policy is not None:
+                raise ValueError(f"policy applies to index='auto' only, not {getattr(spec, 'spec', spec)!r}")
+            self.spec = spec if isinstance(spec, IndexSpec) else parse_spec(spec, dim)
         if self.spec.dim != dim:
             raise ValueError(f"spec was parsed for dim={self.spec.dim}, but dim={dim}")
+        self.policy = policy
         self.dim = dim
         self.device = parse_device(device)
-        if self.device.type == "cuda" and not self.spec.is_flat:
+        if self.device.type == "cuda" and not self.spec.is_flat and self.policy is None:
             if not self.spec.spec.startswith(_GPU_FAMILIES):
                 raise ValueError(
-                    f"index {self.spec.spec!r} has no Faiss GPU implementation; on CUDA use 'Flat' or an IVF index"
+                    f"index {self.spec.spec!r} has no Faiss GPU implementation; on CUDA use 'Flat', 'auto' "
+                    f"or an IVF index"
                 )
         self.search_params = check_search_params(self.spec, {"nprobe": nprobe, "efSearch": efSearch})
         if min_train_points is not None and (
@@ -124,26 +197,35 @@ class StreamingIndex:
         ):
             raise ValueError(f"min_train_points must be an int >= 0 or None, got {min_train_points!r}")
         if retrain_factor is not None and (
-            not isinstance(retrain_factor, (int, float)) or not retrain_factor > 1
+            not isinstance(retrain_factor, (int, float))
+            or isinstance(retrain_factor, bool)
+            or not retrain_factor > 1
         ):
             raise ValueError(f"retrain_factor must be a number > 1 or None, got {retrain_factor!r}")
         if train_sample is not None and (
             not isinstance(train_sample, int) or isinstance(train_sample, bool) or train_sample < 1
         ):
             raise ValueError(f"train_sample must be a positive int or None, got {train_sample!r}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        if store_dtype not in _STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {list(_STORE_DTYPES)}, got {store_dtype!r}")
         self.min_train_points = max(min_train_points or 0, self.spec.min_train_points)
         self.retrain_factor = retrain_factor
         self.train_sample = train_sample
         self.chunk_size = chunk_size
         self.seed = seed
-        self._chunks: list[torch.Tensor] = []  # each [capacity_i, d] float32
-        self._fills: list[int] = []
+        self.store_dtype = store_dtype
+        self._store: ChunkedTensor | None = self._new_store()
         self._ntotal = 0
         self._index: faiss.Index | None = None
         self.trained_at = 0  # keys stored at the last training (0: never trained)
         self.trainings = 0
+
+    def _new_store(self) -> ChunkedTensor:
+        return ChunkedTensor((), self.dim, self.store_dtype, self.device, self.chunk_size, FIRST_KEY_CHUNK)
 
     # ------------------------------------------------------------------ state
     @property
@@ -160,20 +242,32 @@ class StreamingIndex:
         return self._index is not None
 
     @property
+    def has_store(self) -> bool:
+        """True while the keys are held in the ``store_dtype`` store (exact phase, or lossy index codes)."""
+        return self._store is not None
+
+    @property
+    def nlist(self) -> int:
+        """Lists of the current IVF index (0 without one)."""
+        if isinstance(self._index, BoundedIVF):
+            return self._index.nlist
+        ivf = None if self._index is None else _ivf_of(self._index)
+        return 0 if ivf is None else int(ivf.nlist)
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held: float32 key chunks plus the Faiss index's codes and structure (estimated)."""
-        total = sum(c.numel() * c.element_size() for c in self._chunks)
-        return total + self._index_nbytes()
+        """Bytes held: the key store (when there is one) plus the Faiss index's codes, ids and structure."""
+        store = 0 if self._store is None else self._store.nbytes
+        return store + self._index_nbytes()
 
     def _index_nbytes(self) -> int:
         index = self._index
         if index is None:
             return 0
+        if isinstance(index, BoundedIVF):
+            return index.nbytes()
         n = index.ntotal
-        try:
-            ivf = faiss.extract_index_ivf(index)
-        except (RuntimeError, AttributeError):
-            ivf = None
+        ivf = _ivf_of(index)
         if ivf is not None:
             return int(n * (ivf.code_size + 8) + ivf.nlist * self.dim * 4)
         hnsw = getattr(index, "hnsw", None)
@@ -191,38 +285,53 @@ class StreamingIndex:
         index has no use for or a value that is not a positive int.
         """
         new = {**self.search_params, **check_search_params(self.spec, params)}
-        if self._index is not None:
-            apply_search_params(self._index, new)
         self.search_params = new
+        if self._index is not None:
+            self._apply_params(self._index)
 
     def reset(self) -> None:
         """Drop every key and the index (its training too)."""
-        self._chunks = []
-        self._fills = []
+        self._store = self._new_store()
         self._ntotal = 0
         self._index = None
         self.trained_at = 0
 
     # ------------------------------------------------------------------ adding
     def add(self, x: torch.Tensor) -> None:
-        """Append keys ``x`` [n, d] (any float dtype; stored as float32)."""
-        x = _as_keys(x, self.dim, "keys").to(self.device)
+        """Append keys ``x`` [n, d] (any float dtype; stored in ``store_dtype``)."""
+        self.add_checked(_as_keys(x, self.dim, "keys").to(self.device))
+
+    def add_checked(self, x: torch.Tensor) -> None:
+        """:meth:`add` for keys already validated: float32 [n, d], finite, contiguous, on the device."""
         n = x.shape[0]
         if n == 0:
             return
         before = self._ntotal
-        self._append_chunks(x)
+        if self._store is not None:
+            self._store.append(x)
+        self._ntotal += n
         if self._index is not None:
-            if (
-                self.spec.needs_training
-                and self.retrain_factor is not None
-                and self._ntotal >= self.retrain_factor * self.trained_at
-            ):
-                self._build()  # retrain on a fresh sample; an index without training (HNSW) just grows
-            else:
-                self._index_add(self._index, x, before)
-        elif not self.spec.is_flat and self._ntotal >= max(self.min_train_points, 1):
+            self._index_add(self._index, x, before)
+            if self._rebuild_due():
+                self._build()
+        elif not self.spec.is_flat and self._ntotal >= max(self._first_build_at(), 1):
             self._build()
+
+    def _first_build_at(self) -> int:
+        if self.policy is not None:
+            if self.device.type == "cuda":
+                return 2**62  # on a GPU the auto policy stays exact
+            return self.policy.next_build(0)
+        return self.min_train_points
+
+    def _rebuild_due(self) -> bool:
+        if self.policy is not None:
+            return self._ntotal >= self.policy.next_build(self.trained_at)
+        return (
+            self.spec.needs_training
+            and self.retrain_factor is not None
+            and self._ntotal >= self.retrain_factor * self.trained_at
+        )
 
     def _index_add(self, index: faiss.Index, x: torch.Tensor, start: int) -> None:
         """Add keys ``x`` [m, d], the keys from number ``start`` on, to ``index``.
@@ -231,73 +340,108 @@ class StreamingIndex:
         does not keep. Seeding it from (seed, ``start``) before each add makes the graph a function of
         the keys alone, so a loaded or cloned index grows exactly like the original.
         """
+        if isinstance(index, BoundedIVF):
+            index.add(_to_numpy(x))
+            return
         hnsw = _hnsw_of(index)
         if hnsw is not None:
             hnsw.rng = faiss.RandomGenerator((self.seed * 1_000_003 + start) % (2**63))
         index.add(_to_numpy(x))
 
-    def _append_chunks(self, x: torch.Tensor) -> None:
-        # Chunk capacities double from FIRST_CHUNK up to chunk_size: small memories stay small and
-        # large ones waste at most one chunk; no step copies earlier keys.
-        pos = 0
-        n = x.shape[0]
-        while pos < n:
-            if not self._chunks or self._fills[-1] == self._chunks[-1].shape[0]:
-                cap = min(self.chunk_size, max(FIRST_CHUNK, self._ntotal))
-                self._chunks.append(torch.empty(cap, self.dim, dtype=torch.float32, device=self.device))
-                self._fills.append(0)
-            fill = self._fills[-1]
-            take = min(self._chunks[-1].shape[0] - fill, n - pos)
-            self._chunks[-1][fill : fill + take].copy_(x[pos : pos + take])
-            self._fills[-1] = fill + take
-            self._ntotal += take
-            pos += take
-
-    def _chunk_views(self) -> list[torch.Tensor]:
-        return [c[:f] for c, f in zip(self._chunks, self._fills, strict=True) if f > 0]
-
     def keys(self) -> torch.Tensor:
         """All stored keys as one [n, d] float32 tensor (a copy; for tests, saving and training)."""
-        views = self._chunk_views()
-        if not views:
-            return torch.empty(0, self.dim, dtype=torch.float32, device=self.device)
-        return torch.cat(views)
+        if self._store is not None:
+            return self._store.full().to(torch.float32)
+        cpu = self._cpu_index()
+        return torch.from_numpy(_decode_all(cpu, self._ntotal, self.dim)).to(self.device)
+
+    def _cpu_index(self) -> faiss.Index | BoundedIVF:
+        if self.device.type == "cuda" and not isinstance(self._index, BoundedIVF):
+            return faiss.index_gpu_to_cpu(self._index)
+        return self._index
+
+    def _train_size(self, n: int) -> int:
+        if self.policy is not None:
+            return self.policy.train_size(n, self.policy.lists_for(n))
+        want = self.train_sample or max(self.min_train_points, 256 * max(self.spec.nlist, 1))
+        return min(n, max(want, self.min_train_points))
+
+    def _sample_rows(self, n: int) -> torch.Tensor:
+        want = self._train_size(n)
+        gen = torch.Generator().manual_seed(self.seed + self.trainings)
+        return torch.randperm(n, generator=gen)[:want].sort().values
 
     def _build(self) -> None:
-        # Drop the previous index first: holding it while its replacement is filled would double the
-        # memory of this index for the duration of every retraining.
+        n = self._ntotal
+        old, store = self._index, self._store
+        # Every key in float32, in id order: from the store, or decoded from the codes of the index
+        # that held them (the only copy); the old index is dropped before the new one is filled.
+        source = None if store is not None else _decode_all(self._cpu_index(), n, self.dim)
         self._index = None
+        del old
+        if self.policy is not None:
+            self._index = self._build_auto(n, store, source)
+        else:
+            self._index = self._build_spec(n, store, source)
+        self.trained_at = n
+        if self.device.type == "cpu" and (
+            isinstance(self._index, BoundedIVF) or _codes_are_keys(self._index)
+        ):
+            self._store = None  # the codes are the keys now: one copy
+
+    def _sample(
+        self, rows: torch.Tensor, store: ChunkedTensor | None, source: np.ndarray | None
+    ) -> np.ndarray:
+        if source is not None:
+            return source[rows.numpy()]
+        return _to_numpy(store.rows(rows.to(self.device)).to(torch.float32).contiguous())
+
+    def _build_auto(self, n: int, store: ChunkedTensor | None, source: np.ndarray | None) -> BoundedIVF:
+        lists = self.policy.lists_for(n)
+        sample = self._sample(self._sample_rows(n), store, source)
+        if source is None:
+            source = _to_numpy(store.full().to(torch.float32).contiguous())
+        index = BoundedIVF.build(source, sample, lists, self.store_dtype, self.policy.niter)
+        self.trainings += 1
+        log.info("auto: built %d lists over %d keys (trained on %d)", lists, n, sample.shape[0])
+        self._apply_params(index)
+        return index
+
+    def _build_spec(self, n: int, store: ChunkedTensor | None, source: np.ndarray | None) -> faiss.Index:
         index = build_index(self.spec)
         if self.spec.needs_training:
-            n = self._ntotal
-            want = self.train_sample or max(self.min_train_points, 256 * max(self.spec.nlist, 1))
-            want = min(n, max(want, self.min_train_points))
-            gen = torch.Generator().manual_seed(self.seed + self.trainings)
-            rows = torch.randperm(n, generator=gen)[:want].sort().values
-            sample = self._gather_rows(rows)
-            index.train(_to_numpy(sample))
+            rows = self._sample_rows(n)
+            index.train(np.ascontiguousarray(self._sample(rows, store, source)))
             self.trainings += 1
-            log.info("trained %s on %d of %d keys", self.spec.spec, want, n)
-        apply_search_params(index, self.search_params)
+            log.info("trained %s on %d of %d keys", self.spec.spec, len(rows), n)
         if self.device.type == "cuda":
             index = index_to_gpu(index, self.device.index)
+        self._apply_params(index)
         start = 0
-        for view in self._chunk_views():
-            self._index_add(index, view, start)
-            start += view.shape[0]
-        self._index = index
-        self.trained_at = self._ntotal
+        if source is not None:
+            for begin in range(0, n, ADD_BLOCK):
+                self._index_add(index, torch.from_numpy(source[begin : begin + ADD_BLOCK]), begin)
+        else:
+            for view in store.views():
+                for begin in range(0, view.shape[0], ADD_BLOCK):
+                    block = view[begin : begin + ADD_BLOCK].to(torch.float32).contiguous()
+                    self._index_add(index, block, start)
+                    start += block.shape[0]
+        return index
 
-    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(len(rows), self.dim, dtype=torch.float32)
-        start = 0
-        for view in self._chunk_views():
-            stop = start + view.shape[0]
-            sel = (rows >= start) & (rows < stop)
-            if bool(sel.any()):
-                out[sel] = view[(rows[sel] - start).to(view.device)].cpu()
-            start = stop
-        return out
+    def _apply_params(self, index: faiss.Index | BoundedIVF) -> None:
+        if isinstance(index, BoundedIVF):
+            index.nprobe = self._params_for(index)["nprobe"]
+            index.max_nprobe = max(index.nprobe, self.policy.max_nprobe)
+        else:
+            apply_search_params(index, self._params_for(index))
+
+    def _params_for(self, index: faiss.Index) -> dict[str, int]:
+        """The search knobs applied to ``index``: those given, else (``"auto"``) the policy's ``nprobe``."""
+        if self.policy is None:
+            return dict(self.search_params)
+        lists = index.nlist
+        return {"nprobe": min(self.search_params.get("nprobe") or self.policy.nprobe_for(lists), lists)}
 
     # ------------------------------------------------------------------ search
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +456,10 @@ class StreamingIndex:
             (insertion order; ``-1`` for empty slots), best first, on the index's device.
         """
         k = check_k(k)
-        q = _as_keys(queries, self.dim, "queries").to(self.device)
+        return self.search_checked(_as_keys(queries, self.dim, "queries").to(self.device), k)
+
+    def search_checked(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search` for validated input: ``q`` float32 [m, d] contiguous on the device, ``k`` >= 1."""
         m = q.shape[0]
         if self._ntotal == 0 or m == 0:
             return self._empty(m, k)
@@ -336,19 +483,28 @@ class StreamingIndex:
             scores = scores.masked_fill(empty, -math.inf)
         return scores, ids
 
+    def _blocks(self):
+        """(offset, float32 [m, d] block) over the store, widened a block at a time."""
+        offset = 0
+        for view in self._store.views():
+            if view.dtype == torch.float32:
+                yield offset, view
+            else:
+                for begin in range(0, view.shape[0], EXACT_BLOCK):
+                    yield offset + begin, view[begin : begin + EXACT_BLOCK].to(torch.float32)
+            offset += view.shape[0]
+
     def _exact(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts_s, parts_i = [], []
-        offset = 0
-        for view in self._chunk_views():
-            kk = min(k, view.shape[0])
+        for offset, block in self._blocks():
+            kk = min(k, block.shape[0])
             if self.device.type == "cuda":
-                s, i = torch.topk(q @ view.T, kk, dim=1)
+                s, i = torch.topk(q @ block.T, kk, dim=1)
             else:
-                d_np, i_np = faiss.knn(q.numpy(), view.numpy(), kk, faiss.METRIC_INNER_PRODUCT)
+                d_np, i_np = faiss.knn(q.numpy(), block.numpy(), kk, faiss.METRIC_INNER_PRODUCT)
                 s, i = torch.from_numpy(d_np), torch.from_numpy(i_np)
             parts_s.append(s)
-            parts_i.append(i + offset)
-            offset += view.shape[0]
+            parts_i.append(i + offset if offset else i)
         scores = torch.cat(parts_s, dim=1) if len(parts_s) > 1 else parts_s[0]
         ids = torch.cat(parts_i, dim=1) if len(parts_i) > 1 else parts_i[0]
         if len(parts_s) > 1:
@@ -366,27 +522,26 @@ class StreamingIndex:
         """An independent copy (keys, index and its training)."""
         new = StreamingIndex.__new__(StreamingIndex)
         new.__dict__.update(self.__dict__)
-        new._chunks = [c.clone() for c in self._chunks]
-        new._fills = list(self._fills)
-        if self._index is not None:
+        new._store = None if self._store is None else self._store.clone()
+        if isinstance(self._index, BoundedIVF):
+            new._index = self._index.clone()
+            new._apply_params(new._index)
+        elif self._index is not None:
             new._index = self._index_from_bytes(self._index_bytes())
         return new
 
     def _index_bytes(self) -> np.ndarray:
-        index = self._index
-        if self.device.type == "cuda":
-            index = faiss.index_gpu_to_cpu(index)
-        return faiss.serialize_index(index)
+        return faiss.serialize_index(self._cpu_index())
 
     def _index_from_bytes(self, data: np.ndarray) -> faiss.Index:
         index = faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
-        apply_search_params(index, self.search_params)
+        self._apply_params(index)
         if self.device.type == "cuda":
             index = index_to_gpu(index, self.device.index)
         return index
 
     def state(self) -> dict:
-        """Everything needed to rebuild this index: settings, keys [n, d] float32, index bytes."""
+        """Everything needed to rebuild this index: settings, the key store (or None), index bytes."""
         return {
             "dim": self.dim,
             "spec": self.spec.spec,
@@ -396,41 +551,75 @@ class StreamingIndex:
             "train_sample": self.train_sample,
             "chunk_size": self.chunk_size,
             "seed": self.seed,
+            "store_dtype": str(self.store_dtype).removeprefix("torch."),
+            "policy": None if self.policy is None else self.policy.to_dict(),
             "trained_at": self.trained_at,
             "trainings": self.trainings,
-            "keys": self.keys().cpu(),
-            "index": None if self._index is None else torch.from_numpy(self._index_bytes().copy()),
+            "ntotal": self._ntotal,
+            "keys": None if self._store is None else self._store.full().cpu(),
+            "index": None if self._index is None else self._index_state(),
         }
+
+    def _index_state(self) -> torch.Tensor | dict:
+        if isinstance(self._index, BoundedIVF):
+            return self._index.state()
+        return torch.from_numpy(self._index_bytes().copy())
 
     @classmethod
     def from_state(cls, state: dict, device: str | torch.device = "cpu") -> StreamingIndex:
         """Rebuild from :meth:`state` without retraining (an IVF index keeps its centroids)."""
+        store_dtype = getattr(torch, str(state.get("store_dtype", "float32")), None)
+        policy = state.get("policy")
         new = cls(
             state["dim"],
             state["spec"],
             device=device,
-            min_train_points=state["min_train_points"],
+            min_train_points=None if policy is not None else state["min_train_points"],
             retrain_factor=state["retrain_factor"],
             train_sample=state["train_sample"],
             chunk_size=state["chunk_size"],
             seed=state["seed"],
+            store_dtype=store_dtype,
+            policy=None if policy is None else GrowthPolicy(**policy),
             **state["search_params"],
         )
-        keys = state["keys"]
-        if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.shape[1] != new.dim:
-            raise ValueError(f"saved keys must be [n, {new.dim}], got {getattr(keys, 'shape', type(keys))}")
-        new._append_chunks(_as_keys(keys, new.dim, "saved keys").to(new.device))
+        keys, index_bytes = state["keys"], state["index"]
+        ntotal = int(state.get("ntotal", 0 if keys is None else keys.shape[0]))
+        if keys is not None:
+            if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.shape[1] != new.dim:
+                raise ValueError(
+                    f"saved keys must be [n, {new.dim}], got {getattr(keys, 'shape', type(keys))}"
+                )
+            if keys.shape[0] != ntotal:
+                raise ValueError(f"saved keys hold {keys.shape[0]} rows, but the saved count is {ntotal}")
+            new._store.append(_as_keys(keys, new.dim, "saved keys").to(new.device))
+        elif index_bytes is None:
+            if ntotal:
+                raise ValueError(f"saved index state has {ntotal} keys but neither keys nor an index")
+        else:
+            new._store = None
+        new._ntotal = ntotal
         new.trained_at = int(state["trained_at"])
         new.trainings = int(state["trainings"])
-        if state["index"] is not None:
-            try:
-                index = new._index_from_bytes(state["index"].numpy())
-            except RuntimeError as err:  # Faiss cannot parse the bytes
-                reason = str(err).strip().splitlines()[-1]
-                raise ValueError(f"saved {new.spec.spec!r} index cannot be read ({reason})") from None
-            if index.ntotal != new._ntotal:
-                raise ValueError(f"saved index holds {index.ntotal} keys but {new._ntotal} keys were saved")
+        if index_bytes is not None:
+            if new.policy is not None:
+                if not isinstance(index_bytes, dict):
+                    raise ValueError("saved 'auto' index must be a dict of its parts")
+                index = BoundedIVF.from_state(index_bytes)
+                new._apply_params(index)
+            elif not isinstance(index_bytes, torch.Tensor):
+                raise ValueError(f"saved {new.spec.spec!r} index must be a uint8 tensor of Faiss bytes")
+            else:
+                try:
+                    index = new._index_from_bytes(index_bytes.numpy())
+                except RuntimeError as err:  # Faiss cannot parse the bytes
+                    reason = str(err).strip().splitlines()[-1]
+                    raise ValueError(f"saved {new.spec.spec!r} index cannot be read ({reason})") from None
+            if index.ntotal != ntotal:
+                raise ValueError(f"saved index holds {index.ntotal} keys but {ntotal} keys were saved")
             if index.d != new.dim:
                 raise ValueError(f"saved index has dim {index.d}, expected {new.dim}")
+            if keys is None and not isinstance(index, BoundedIVF) and not _codes_are_keys(index):
+                raise ValueError(f"saved {new.spec.spec!r} index has lossy codes but its keys were not saved")
             new._index = index
         return new

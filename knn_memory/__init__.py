@@ -21,6 +21,7 @@ from knn_memory.faiss_backend import FaissBackend, search_knobs
 from knn_memory.hits import MemoryHits
 from knn_memory.persistence import load_backend, save_backend
 from knn_memory.registry import available_backends, backend_class, create_backend, register_backend
+from knn_memory.threads import set_threads
 
 __all__ = [
     "AgreementReport",
@@ -39,4 +40,5 @@ __all__ = [
     "resolve_dtype",
     "save_backend",
     "search_knobs",
+    "set_threads",
 ]

@@ -4,6 +4,9 @@ Per head, over all queries:
 
 * **recall@k**: share of the exact top-k entries that the backend retrieved (mean, and the 1st
   percentile over queries, i.e. the worst 1%);
+* **tie-aware recall@k**: share of the k slots that hold an entry scoring at least the exact k-th
+  score: equal keys (a repeated text gives many) make the exact top-k ids one arbitrary choice among
+  equals, which plain recall counts as misses;
 * **attention-mass recall**: share of the exact memory softmax mass (over all entries) held by the
   retrieved entries: what matters for the attention output, where recall@k weighs every key alike;
 * **relative L2 error** of the memory attention output against the dense output.
@@ -34,6 +37,7 @@ class AgreementReport:
     mass_recall_mean: list[float]
     mass_recall_p01: list[float]
     rel_l2_error: list[float]
+    tie_recall_mean: list[float] | None = None
 
     def summary(self) -> dict[str, float]:
         """Means over heads of the means, and worst head for the p01 figures and the error."""
@@ -45,6 +49,9 @@ class AgreementReport:
             "mass_recall_p01_worst_head": float(min(self.mass_recall_p01)),
             "rel_l2_error_mean": float(sum(self.rel_l2_error) / len(self.rel_l2_error)),
             "rel_l2_error_worst_head": float(max(self.rel_l2_error)),
+            "tie_recall_mean": None
+            if self.tie_recall_mean is None
+            else float(sum(self.tie_recall_mean) / len(self.tie_recall_mean)),
         }
 
     def to_dict(self) -> dict:
@@ -96,6 +103,10 @@ def compare_backends(
     match = (top_ids.unsqueeze(-1) == got.unsqueeze(-2)).any(dim=-1) & real_top
     recall = match.sum(dim=-1) / real_top.sum(dim=-1).clamp_min(1)
     valid = got >= 0
+    kth = top_scores.masked_fill(~real_top, math.inf).min(dim=-1, keepdim=True).values  # exact k-th score
+    got_scores = torch.gather(s_exact, -1, got.clamp(0, max(n_real - 1, 0)))
+    tie_hits = ((got_scores >= kth) & valid).sum(dim=-1)
+    tie_recall = tie_hits / real_top.sum(dim=-1).clamp_min(1)
     mass = torch.gather(p_exact, -1, got.clamp(0, max(n_real - 1, 0))) * valid
     mass_recall = mass.sum(dim=-1)
     empty = torch.empty(B, H, 0, d)
@@ -112,6 +123,7 @@ def compare_backends(
         mass_recall_mean=m_mean,
         mass_recall_p01=m_p01,
         rel_l2_error=(err / ref_norm).tolist(),
+        tie_recall_mean=_per_head(tie_recall)[0],
     )
 
 

@@ -1,10 +1,12 @@
 """The ``"faiss"`` backend: top-k memory entries per query through one Faiss index per (row, head).
 
-Keys are rounded to ``mem_dtype`` and then held in float32 by the index layer (``indexes/``), so a
-``"Flat"`` index with k >= memory size reproduces the exact backend. Padding entries are never
-inserted. Searches fan out over (row, head) on a thread pool; Faiss runs one OpenMP thread per
-worker. Values stay in ``mem_dtype`` in chunked per-row storage and only the k retrieved ones are
-gathered per query.
+Keys are rounded to ``mem_dtype`` and each is held once by the index layer (``indexes/``): in a
+``mem_dtype`` store searched exactly, or in the codes of the Faiss index. A ``"Flat"`` index with
+k >= memory size reproduces the exact backend. ``index="auto"`` grows an IVF index with the memory
+(:mod:`indexes.growth`). Padding entries are never inserted. With several ``workers`` the searches fan
+out over (row, head) on a thread pool with one Faiss OpenMP thread per worker; with one, they run in the
+calling thread. Values stay in ``mem_dtype`` in chunked per-row storage and only the k retrieved ones
+are gathered per query.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from collections.abc import Sequence
 
 import torch
 
-from indexes import StreamingIndex, fan_out, parse_device, parse_spec
+from indexes import AUTO, GrowthPolicy, StreamingIndex, fan_out, parse_device, parse_spec
 from knn_memory.backend import MemoryBackend
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
 from knn_memory.storage import ChunkedTensor, compact, gather_values
 
 DEFAULT_TOP_K = 128
-VALUE_CHUNK = 4096
+VALUE_CHUNK_BYTES = 64 * 2**20  # the largest value chunk of a row (chunks double up to it)
+FIRST_VALUE_CHUNK = 4096
+POLICY_OPTIONS = tuple(n for n in GrowthPolicy.option_names() if n != "nprobe")
 
 
 @register_backend("faiss")
@@ -28,11 +32,15 @@ class FaissBackend(MemoryBackend):
     """Top-k memory through Faiss.
 
     Args (beyond :class:`MemoryBackend`'s):
-        index: Faiss ``index_factory`` string, inner product (default ``"Flat"``: exact top-k).
+        index: Faiss ``index_factory`` string, inner product (default ``"Flat"``: exact top-k), or
+            ``"auto"``: exact while small, then an IVF whose list count grows with the memory.
         nprobe, efSearch: search-time knobs where the index has them.
         min_train_points, retrain_factor, train_sample: the streaming training policy
             (see :mod:`indexes.streaming`).
-        workers: threads for the (row, head) fan-out (default: all cores).
+        exact_until, lists_per_sqrt, regrow_factor, train_per_list, max_train_sample, niter,
+            min_lists, max_lists: the ``"auto"`` policy (:class:`indexes.GrowthPolicy`); only with
+            ``index="auto"``.
+        workers: threads for the (row, head) fan-out (default: torch's thread count).
         seed: RNG seed of training samples.
         value_device: where the values live: ``None`` (default) next to the keys on ``device``, or
             ``"cpu"`` to keep them in host memory while a GPU index holds the keys; only the k
@@ -57,6 +65,7 @@ class FaissBackend(MemoryBackend):
         workers: int | None = None,
         seed: int = 0,
         value_device: str | torch.device | None = None,
+        **policy_options,
     ) -> None:
         super().__init__(
             num_heads=num_heads,
@@ -66,7 +75,21 @@ class FaissBackend(MemoryBackend):
             device=device,
             top_k=DEFAULT_TOP_K if top_k is None else top_k,
         )
-        self.index_spec = parse_spec("Flat" if index is None else index, self.head_dim)
+        index = "Flat" if index is None else index
+        unknown = sorted(set(policy_options) - set(POLICY_OPTIONS))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown} for the 'faiss' backend")
+        if policy_options and index != AUTO:
+            raise ValueError(f"{sorted(policy_options)} configure index='auto' only, but index={index!r}")
+        if index == AUTO:
+            for name, given in (("min_train_points", min_train_points), ("train_sample", train_sample)):
+                if given is not None:
+                    raise ValueError(f"{name}={given!r} does not apply to index='auto' (its policy decides)")
+            self.policy: GrowthPolicy | None = GrowthPolicy(**policy_options)
+            self.index_spec = None
+        else:
+            self.policy = None
+            self.index_spec = parse_spec(index, self.head_dim)
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive int or None, got {workers!r}")
         self.workers = workers
@@ -89,18 +112,41 @@ class FaissBackend(MemoryBackend):
         self._values: list[ChunkedTensor] = [self._new_values() for _ in range(self.batch_size)]
 
     def _new_index(self) -> StreamingIndex:
-        return StreamingIndex(self.head_dim, self.index_spec, device=self.device, **self.index_options)
+        if self.policy is not None:
+            options = {k: v for k, v in self.index_options.items() if k in ("nprobe", "efSearch", "seed")}
+            return StreamingIndex(
+                self.head_dim,
+                AUTO,
+                device=self.device,
+                store_dtype=self.mem_dtype,
+                policy=self.policy,
+                **options,
+            )
+        return StreamingIndex(
+            self.head_dim,
+            self.index_spec,
+            device=self.device,
+            store_dtype=self.mem_dtype,
+            **self.index_options,
+        )
 
     def _new_row(self) -> list[StreamingIndex]:
         return [self._new_index() for _ in range(self.num_heads)]
 
     def _new_values(self) -> ChunkedTensor:
-        return ChunkedTensor((self.num_heads,), self.head_dim, self.mem_dtype, self.value_device, VALUE_CHUNK)
+        entry = self.num_heads * self.head_dim * torch.empty((), dtype=self.mem_dtype).element_size()
+        chunk = max(FIRST_VALUE_CHUNK, VALUE_CHUNK_BYTES // entry)
+        return ChunkedTensor(
+            (self.num_heads,), self.head_dim, self.mem_dtype, self.value_device, chunk, FIRST_VALUE_CHUNK
+        )
 
     @property
     def index(self) -> str:
-        """The Faiss factory string."""
-        return self.index_spec.spec
+        """The Faiss factory string, or ``"auto"``."""
+        return AUTO if self.policy is not None else self.index_spec.spec
+
+    def _workers(self) -> int:
+        return self.workers or torch.get_num_threads()
 
     def head_index(self, row: int, head: int) -> StreamingIndex:
         """The index of one (row, head): for inspection and benchmarks."""
@@ -115,7 +161,11 @@ class FaissBackend(MemoryBackend):
         """
         knobs = {"nprobe": nprobe, "efSearch": efSearch}
         options = {**self.index_options, **{k: v for k, v in knobs.items() if v is not None}}
-        StreamingIndex(self.head_dim, self.index_spec, **options)  # validates; raises before any change
+        saved, self.index_options = self.index_options, options
+        try:
+            self._new_index()  # validates; raises before any change
+        finally:
+            self.index_options = saved
         for row in self._rows:
             for ix in row:
                 ix.set_search_params(**knobs)
@@ -130,14 +180,14 @@ class FaissBackend(MemoryBackend):
         jobs = []
         for b in range(self.batch_size):
             kb, vb = keys[b], values[b]  # [H, n, d]
-            if mask is not None:
+            if mask is not None and not bool(mask[b].all()):
                 keep = mask[b]
                 kb, vb = kb[:, keep], vb[:, keep]
             if kb.shape[1] == 0:
                 continue
             self._values[b].append(vb)
-            jobs.extend((self._rows[b][h], kb[h]) for h in range(self.num_heads))
-        fan_out(lambda job: job[0].add(job[1]), jobs, self.workers)
+            jobs.extend((self._rows[b][h], kb[h].contiguous()) for h in range(self.num_heads))
+        fan_out(lambda job: job[0].add_checked(job[1]), jobs, self._workers())
 
     def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None) -> MemoryHits:
         k, heads = self._check_search(queries, k, heads)
@@ -145,7 +195,9 @@ class FaissBackend(MemoryBackend):
         q32 = queries.detach().to(torch.float32)
         pairs = [(b, j) for b in range(B) for j in range(h)]
         results = fan_out(
-            lambda p: self._rows[p[0]][heads.start + p[1]].search(q32[p[0], p[1]], k), pairs, self.workers
+            lambda p: self._rows[p[0]][heads.start + p[1]].search_checked(q32[p[0], p[1]].contiguous(), k),
+            pairs,
+            self._workers(),
         )
         scores = torch.stack([s for s, _ in results]).reshape(B, h, q, k)
         ids = torch.stack([i for _, i in results]).reshape(B, h, q, k)
@@ -172,10 +224,7 @@ class FaissBackend(MemoryBackend):
         for r in index.tolist():
             if r in seen:  # a duplicated beam gets its own copy, never a shared mutable index
                 rows.append([ix.clone() for ix in self._rows[r]])
-                copy = self._new_values()
-                for view in self._values[r].views():
-                    copy.append(view.clone())
-                values.append(copy)
+                values.append(self._values[r].clone())
             else:
                 rows.append(self._rows[r])
                 values.append(self._values[r])
@@ -195,10 +244,14 @@ class FaissBackend(MemoryBackend):
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
         pinned = None if self.value_device == self.device else str(self.value_device)
+        options = dict(self.index_options)
+        if self.policy is not None:
+            options = {k: v for k, v in options.items() if k in ("nprobe", "efSearch", "seed")}
+            options.update({k: v for k, v in self.policy.to_dict().items() if k != "nprobe"})
         return {
             **super().config(),
             "index": self.index,
-            **self.index_options,
+            **options,
             "workers": self.workers,
             "value_device": pinned,
         }
@@ -236,5 +289,7 @@ class FaissBackend(MemoryBackend):
 
 
 def search_knobs(index: str, head_dim: int) -> tuple[str, ...]:
-    """Search-time knobs (``nprobe``, ``efSearch``) that the Faiss ``index`` string accepts at ``head_dim``."""
+    """Search-time knobs (``nprobe``, ``efSearch``) that the Faiss ``index`` string (or ``"auto"``) accepts."""
+    if index == AUTO:
+        return ("nprobe",)
     return parse_spec(index, head_dim).search_params

@@ -1,86 +1,15 @@
-"""Chunked append-only tensor storage and the gather of retrieved values.
+"""The gather of retrieved values from chunked storage, and compact tensors for saving.
 
-Memory grows a window at a time. Appending into fixed-size preallocated chunks keeps growth linear:
-no step copies the whole memory (upstream's ``torch.cat`` per window is O(N^2) bytes over a
-document and doubles peak memory at every step).
+The chunked store itself is :class:`indexes.ChunkedTensor` (re-exported here).
 """
 
 from __future__ import annotations
 
 import torch
 
+from indexes import ChunkedTensor
 
-class ChunkedTensor:
-    """An append-only tensor ``[*lead, N, d]`` stored as chunks along the entry axis (dim -2).
-
-    In autograd mode (an appended tensor requires grad), the tensor becomes a chunk of its own,
-    without a copy, so gradients flow to earlier windows as in upstream training.
-    """
-
-    def __init__(self, lead: tuple[int, ...], dim: int, dtype: torch.dtype, device: torch.device, chunk: int):
-        self.lead = tuple(lead)
-        self.dim = dim
-        self.dtype = dtype
-        self.device = device
-        self.chunk = chunk
-        self.chunks: list[torch.Tensor] = []
-        self.fills: list[int] = []
-
-    @property
-    def length(self) -> int:
-        return sum(self.fills)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c in self.chunks)
-
-    def append(self, x: torch.Tensor) -> None:
-        """Append ``x`` [*lead, n, d] (cast to the storage dtype)."""
-        n = x.shape[-2]
-        if n == 0:
-            return
-        x = x.to(self.dtype)
-        if x.requires_grad and torch.is_grad_enabled():
-            self.chunks.append(x)
-            self.fills.append(n)
-            return
-        pos = 0
-        while pos < n:
-            if (
-                not self.chunks
-                or self.fills[-1] >= self.chunks[-1].shape[-2]
-                or self.chunks[-1].requires_grad
-            ):
-                self.chunks.append(
-                    torch.empty(*self.lead, self.chunk, self.dim, dtype=self.dtype, device=self.device)
-                )
-                self.fills.append(0)
-            fill = self.fills[-1]
-            take = min(self.chunks[-1].shape[-2] - fill, n - pos)
-            self.chunks[-1][..., fill : fill + take, :].copy_(x[..., pos : pos + take, :])
-            self.fills[-1] = fill + take
-            pos += take
-
-    def views(self) -> list[torch.Tensor]:
-        """The filled part of each chunk, [*lead, m_i, d], in order."""
-        return [c[..., :f, :] for c, f in zip(self.chunks, self.fills, strict=True) if f > 0]
-
-    def full(self) -> torch.Tensor:
-        """All entries as one tensor (a copy when there are several chunks)."""
-        views = self.views()
-        if not views:
-            return torch.empty(*self.lead, 0, self.dim, dtype=self.dtype, device=self.device)
-        return views[0] if len(views) == 1 else torch.cat(views, dim=-2)
-
-    def index_select_lead(self, index: torch.Tensor) -> None:
-        """Keep lead-0 rows ``index`` (may repeat) in every chunk."""
-        index = index.to(self.device)
-        self.chunks = [c.index_select(0, index) for c in self.chunks]
-        self.lead = (len(index), *self.lead[1:])
-
-    def clear(self) -> None:
-        self.chunks = []
-        self.fills = []
+__all__ = ["ChunkedTensor", "compact", "gather_values"]
 
 
 def gather_values(views: list[torch.Tensor], ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -93,28 +22,44 @@ def gather_values(views: list[torch.Tensor], ids: torch.Tensor, dim: int, dtype:
 
     Returns:
         [h, q, k, d] in the storage dtype, zeros in empty slots.
+
+    One ``index_select`` per chunk over the chunk's rows seen as one [h * capacity, d] matrix (the
+    chunks grow geometrically, so there are few): the cost is ~ q*k*d plus a few small operations per
+    chunk.
     """
     h, q, k = ids.shape
-    out = torch.zeros(h * q * k, dim, dtype=dtype, device=ids.device)
-    if not views:
-        return out.view(h, q, k, dim)
-    sizes = torch.tensor([v.shape[-2] for v in views], device=ids.device)
-    ends = sizes.cumsum(0)  # entry id e lies in chunk c iff ends[c-1] <= e < ends[c]
-    flat = ids.reshape(-1)
-    head = torch.arange(h, device=ids.device).repeat_interleave(q * k)
-    slot = torch.nonzero((flat >= 0) & (flat < ends[-1])).squeeze(1)  # filled slots only
-    chunk = torch.bucketize(flat[slot], ends, right=True)
-    # one pass over the chunks, each gathering only its own entries (cost ~ q*k*d, not chunks*q*k*d)
-    order = torch.argsort(chunk, stable=True)
-    slot, chunk = slot[order], chunk[order]
-    counts = torch.bincount(chunk, minlength=len(views)).tolist()
-    starts = (ends - sizes).tolist()
-    pos = 0
-    for c, n in enumerate(counts):
-        if n:
-            sel = slot[pos : pos + n]
-            out[sel] = views[c][head[sel], flat[sel] - starts[c]].to(dtype)
-            pos += n
+    flat = ids.reshape(h, q * k)
+    out = None
+    start = 0
+    for view in views:
+        m = view.shape[-2]
+        local = flat - start
+        start += m
+        inside = (local >= 0) & (local < m)
+        per_head = view.stride(0) // dim  # rows from one head's entries to the next in the chunk
+        if (
+            view.stride(-1) == 1
+            and view.stride(-2) == dim
+            and view.stride(0) % dim == 0
+            and per_head >= m
+            and view.storage_offset() + h * per_head * dim
+            <= view.untyped_storage().nbytes() // view.element_size()
+        ):
+            rows = torch.as_strided(view, (h * per_head, dim), (dim, 1))
+            lin = (local + torch.arange(h, device=ids.device)[:, None] * per_head).reshape(-1)
+        else:  # a chunk of another layout (autograd mode keeps appended tensors as they came)
+            rows = view.reshape(h * m, dim)
+            lin = (local + torch.arange(h, device=ids.device)[:, None] * m).reshape(-1)
+        if out is None and bool(inside.all()):
+            out = rows.index_select(0, lin).to(dtype)
+            continue
+        if out is None:
+            out = torch.zeros(h * q * k, dim, dtype=dtype, device=ids.device)
+        sel = inside.reshape(-1).nonzero().squeeze(1)
+        if sel.numel():
+            out[sel] = rows.index_select(0, lin[sel]).to(dtype)
+    if out is None:
+        out = torch.zeros(h * q * k, dim, dtype=dtype, device=ids.device)
     return out.view(h, q, k, dim)
 
 

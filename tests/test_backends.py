@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import indexes.streaming as streaming
+import indexes.chunked as chunked
 import knn_memory
 import knn_memory.faiss_backend as faiss_backend
 from knn_memory import ExactBackend, create_backend, memory_attention
@@ -370,8 +370,9 @@ def _row(mem, b):
     ("name", "extra"), [*BACKENDS, ("faiss", {"index": "IVF2,Flat", "top_k": 6, "nprobe": 2})]
 )
 def test_many_small_adds_equal_one_big_add(name, extra, monkeypatch):
-    monkeypatch.setattr(streaming, "FIRST_CHUNK", 8)  # small chunks: growth crosses many of them
-    monkeypatch.setattr(faiss_backend, "VALUE_CHUNK", 16)
+    monkeypatch.setattr(chunked, "FIRST_CHUNK", 8)  # small chunks: growth crosses many of them
+    monkeypatch.setattr(faiss_backend, "FIRST_VALUE_CHUNK", 8)
+    monkeypatch.setattr(faiss_backend, "VALUE_CHUNK_BYTES", 16 * 2 * 8 * 4)
     g = torch.Generator().manual_seed(12)
     B, H, d = 2, 2, 8
     keys = torch.randn(B, H, 150, d, generator=g)

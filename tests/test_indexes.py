@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import indexes.streaming as streaming
+import indexes.chunked as chunked
 from indexes import StreamingIndex, check_k, faiss_threads, fan_out, parse_spec, set_faiss_threads
 from indexes.spec import POINTS_PER_CENTROID, check_search_params
 from knn_memory.synthetic import make_memory
@@ -160,7 +160,7 @@ def test_check_k_accepts_numpy_ints_and_names_the_argument():
 
 # ---------------------------------------------------------------------- exact search
 def test_flat_equals_torch_topk_across_chunks(monkeypatch):
-    monkeypatch.setattr(streaming, "FIRST_CHUNK", 8)
+    monkeypatch.setattr(chunked, "FIRST_CHUNK", 8)
     g = torch.Generator().manual_seed(0)
     idx = StreamingIndex(12, "Flat", chunk_size=32)
     added = []
@@ -170,7 +170,7 @@ def test_flat_equals_torch_topk_across_chunks(monkeypatch):
         added.append(x)
     keys = torch.cat(added)
     assert len(idx) == idx.ntotal == keys.shape[0]
-    assert len(idx._chunks) > 2  # the merge over chunks is exercised
+    assert len(idx._store.chunks) > 2  # the merge over chunks is exercised
     assert torch.equal(idx.keys(), keys)
     queries = torch.randn(7, 12, generator=g)
     for k in (1, 4, 20, keys.shape[0]):
@@ -182,15 +182,15 @@ def test_flat_equals_torch_topk_across_chunks(monkeypatch):
 
 
 def test_growth_never_moves_stored_keys(monkeypatch):
-    monkeypatch.setattr(streaming, "FIRST_CHUNK", 4)
+    monkeypatch.setattr(chunked, "FIRST_CHUNK", 4)
     idx = StreamingIndex(4, "Flat", chunk_size=16)
     idx.add(torch.randn(3, 4))
-    first = idx._chunks[0].data_ptr()
+    first = idx._store.chunks[0].data_ptr()
     for _ in range(30):
         idx.add(torch.randn(3, 4))
-    assert idx._chunks[0].data_ptr() == first  # appended, never copied into a bigger buffer
-    assert all(c.shape[0] <= 16 for c in idx._chunks)
-    assert sum(idx._fills) == len(idx) == 93
+    assert idx._store.chunks[0].data_ptr() == first  # appended, never copied into a bigger buffer
+    assert all(c.shape[0] <= 16 for c in idx._store.chunks)
+    assert sum(idx._store.fills) == len(idx) == 93
 
 
 @pytest.mark.parametrize("spec", ["Flat", "IVF4,Flat", "HNSW8"])
@@ -389,13 +389,19 @@ def test_state_round_trip_untrained_specs(spec):
 
 
 def test_from_state_rejects_inconsistent_state():
+    flat = StreamingIndex(8, "Flat")
+    flat.add(torch.randn(300, 8))
+    state = flat.state()
+    with pytest.raises(ValueError, match=r"saved keys must be \[n, 8\], got torch.Size\(\[300, 7\]\)"):
+        StreamingIndex.from_state({**state, "keys": state["keys"][:, :7]})
+    with pytest.raises(ValueError, match=r"saved keys hold 299 rows, but the saved count is 300"):
+        StreamingIndex.from_state({**state, "keys": state["keys"][:299]})
     idx = StreamingIndex(8, "IVF4,Flat")
     idx.add(torch.randn(300, 8))
     state = idx.state()
-    with pytest.raises(ValueError, match=r"saved keys must be \[n, 8\], got torch.Size\(\[300, 7\]\)"):
-        StreamingIndex.from_state({**state, "keys": state["keys"][:, :7]})
+    assert state["keys"] is None  # IVF,Flat codes are the keys: no second copy is saved
     with pytest.raises(ValueError, match=r"saved index holds 300 keys but 299 keys were saved"):
-        StreamingIndex.from_state({**state, "keys": state["keys"][:299]})
+        StreamingIndex.from_state({**state, "ntotal": 299})
     with pytest.raises(ValueError, match=r"saved 'IVF4,Flat' index cannot be read"):
         StreamingIndex.from_state({**state, "index": state["index"][: len(state["index"]) // 2]})
 
