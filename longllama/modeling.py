@@ -287,6 +287,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         return_dict: bool | None = None,
         last_context_length: int | None = None,
         cache: LongLlamaCache | None = None,
+        hidden_to_keep: int = 0,
         **kwargs: object,
     ) -> BaseModelOutputWithPast | tuple:
         """Run an input of any length, window by window.
@@ -303,6 +304,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 it goes into memory like the other windows.
             output_hidden_states: also return the hidden states of every layer (windows concatenated).
             last_context_length: tokens of this input kept out of memory (default from the config).
+            hidden_to_keep: if > 0, return only the last this many positions of ``last_hidden_state``
+                (``generate()`` needs one); a long prefill then holds one window's hidden states, not
+                [B, n, D].
             **kwargs: ignored; what ``generate()`` passes to every model (e.g. ``tokenizer`` with
                 ``stop_strings``), accepted as transformers' LLaMA does.
 
@@ -334,10 +338,13 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         weight = self.embed_tokens.weight
         if inputs_embeds is None:
             check_input_ids(input_ids, config.vocab_size, weight.device)
-            inputs_embeds = self.embed_tokens(input_ids)  # [B, n, D]
+            B, n = input_ids.shape  # embedded a window at a time: a long input never holds [B, n, D]
         else:
             check_inputs_embeds(inputs_embeds, config.hidden_size, weight)
-        B, n, _ = inputs_embeds.shape
+            B, n, _ = inputs_embeds.shape
+        if not isinstance(hidden_to_keep, int) or isinstance(hidden_to_keep, bool) or hidden_to_keep < 0:
+            raise ValueError(f"hidden_to_keep must be an int >= 0, got {hidden_to_keep!r}")
+        device = weight.device if inputs_embeds is None else inputs_embeds.device
         if n == 0:
             raise ValueError("the input is empty (0 tokens)")
         if B == 0:
@@ -348,11 +355,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             state = LongLlamaCache(config)
         if not use_cache and state.local_length > 0:
             raise ValueError("past_key_values with a local cache needs use_cache=True (got use_cache=False)")
-        state.prepare(B, inputs_embeds.device)
+        state.prepare(B, device)
         past = state.local_length
 
-        position_ids = self._position_ids(position_ids, state, B, n, inputs_embeds.device)
-        real = real_token_mask(attention_mask, B, past + n, inputs_embeds.device)  # [B, past + n]
+        position_ids = self._position_ids(position_ids, state, B, n, device)
+        real = real_token_mask(attention_mask, B, past + n, device)  # [B, past + n]
 
         hidden_parts: list[torch.Tensor] = []
         layer_parts: list[list[torch.Tensor]] = []
@@ -363,8 +370,13 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             # a prefix window keeps a local cache only if one already exists (upstream)
             window_use_cache = use_cache if (final or local > 0) else False
             window_real = real[:, past + begin - local : past + end]
+            window_embeds = (
+                self.embed_tokens(input_ids[:, begin:end])
+                if inputs_embeds is None
+                else inputs_embeds[:, begin:end]
+            )
             hidden, layers = self._forward_window(
-                inputs_embeds[:, begin:end],
+                window_embeds,
                 window_real,
                 position_ids[:, begin:end],
                 state,
@@ -373,8 +385,13 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             )
             hidden_parts.append(hidden)
             layer_parts.append(layers)
+            # only the last hidden_to_keep positions are wanted: drop windows wholly before them
+            while hidden_to_keep and sum(h.shape[1] for h in hidden_parts[1:]) >= hidden_to_keep:
+                hidden_parts.pop(0)
 
         last_hidden_state = torch.cat(hidden_parts, dim=1) if len(hidden_parts) > 1 else hidden_parts[0]
+        if hidden_to_keep:
+            last_hidden_state = last_hidden_state[:, -hidden_to_keep:]
         all_hidden_states = None
         if output_hidden_states:
             all_hidden_states = tuple(torch.cat(parts, dim=1) for parts in zip(*layer_parts, strict=True))
@@ -571,6 +588,8 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             return_dict=True,
             last_context_length=last_context_length,
             cache=cache,
+            # logits of the last positions only: a long prefill then never holds [B, n, D] hidden states
+            hidden_to_keep=logits_to_keep if labels is None and not output_hidden_states else 0,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:

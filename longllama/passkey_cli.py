@@ -175,7 +175,9 @@ def _parser() -> OneLineParser:
     p.add_argument("--last-context-length", type=int, default=None)
     p.add_argument("--mem-dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--grouping", default=None, help="mem_attention_grouping as 'heads,queries'")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument(
+        "--threads", type=int, default=None, help="threads for torch and Faiss (each run uses this many)"
+    )
     p.add_argument("--out", default="passkey_results", help="output directory")
     p.add_argument("--resume", action="store_true", help="skip runs already in out/results.jsonl")
     p.add_argument("--no-progress", action="store_true")
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mem_dtype:
             overrides["mem_dtype"] = args.mem_dtype
         if args.threads:
-            torch.set_num_threads(args.threads)
+            knn_memory.set_threads(args.threads)
         model = LongLlamaForCausalLM.from_pretrained(
             model_path, torch_dtype=torch.float32, **overrides
         ).eval()
