@@ -3,9 +3,10 @@
     python -m benchmarks.capture CHECKPOINT_DIR [--text FILE] [--tokens 32768] [--out capture.pt]
     python -m benchmarks.capture            # the embedded trained model, when the package ships one
 
-The model runs with a recording memory backend (registered as ``"capture"``): exact dense memory, i.e.
-upstream LongLLaMA, that also keeps what the memory layers hand to it, which is exactly what a kNN index
-would see:
+The model runs with a recording memory backend (registered as ``"capture"`` for the exact dense
+memory, i.e. upstream LongLLaMA, and as ``"capture:<name>"`` around any other backend, e.g.
+``--backend faiss:auto`` for captures too long for dense attention) that also keeps what the memory
+layers hand to it, which is exactly what a kNN index would see:
 
 * every key and value added to memory, **un-rotated** (LongLLaMA's memory keys sit at position 0), in
   token order, padding excluded;
@@ -44,9 +45,8 @@ CAPTURE_BACKEND = "capture"
 DEFAULT_DIR = Path(__file__).parent / "results" / "captures"
 
 
-@register_backend(CAPTURE_BACKEND)
-class CaptureBackend(ExactBackend):
-    """Exact dense memory that records its inputs (batch row 0): added keys/values and searched queries."""
+class Recorder:
+    """Mixin for a memory backend: records its inputs (batch row 0), added keys/values and searched queries."""
 
     #: most recent queries kept per head (set by :func:`capture`)
     max_queries: int = 4096
@@ -101,6 +101,22 @@ class CaptureBackend(ExactBackend):
         queries = torch.stack([torch.cat(per_head)[-n_q:] for per_head in self._rec_queries])
         seen = torch.cat(self._rec_seen[0])[-n_q:]
         return {"keys": keys, "values": values, "queries": queries, "seen": seen}
+
+
+@register_backend(CAPTURE_BACKEND)
+class CaptureBackend(Recorder, ExactBackend):
+    """Exact dense memory that records its inputs."""
+
+
+def recording_backend(name: str) -> str:
+    """The registry name of a recording backend around backend ``name`` (registered on first use)."""
+    if name == "exact":
+        return CAPTURE_BACKEND
+    recorded = f"{CAPTURE_BACKEND}:{name}"
+    if recorded not in knn_memory.available_backends():
+        base = knn_memory.backend_class(name)
+        register_backend(recorded)(type(f"Capture{base.__name__}", (Recorder, base), {}))
+    return recorded
 
 
 def embedded_checkpoint() -> Path | None:
@@ -174,6 +190,9 @@ def capture(
     store_dtype: torch.dtype = torch.float32,
     seed: int = 0,
     progress: bool = True,
+    backend: str = "exact",
+    index: str | None = None,
+    top_k: int | None = None,
 ) -> Path:
     """Run ``checkpoint`` over a text window by window and save its memory layers' keys and queries.
 
@@ -184,6 +203,9 @@ def capture(
         n_tokens: cut the tokenized text to this many tokens (None: all of it).
         max_queries: most recent queries kept per head.
         store_dtype: dtype of the saved tensors (float32, or bfloat16/float16 to halve the file).
+        backend, index, top_k: the memory the model runs with while recording (default: exact dense
+            memory; a top-k backend such as ``"faiss"`` with ``index="auto"`` makes long captures
+            affordable, and its queries are then those of a model running with that memory).
 
     Returns:
         The path written.
@@ -191,14 +213,14 @@ def capture(
     from longllama import LongLlamaForCausalLM
 
     checkpoint = Path(checkpoint)
-    CaptureBackend.max_queries = max_queries
+    Recorder.max_queries = max_queries
     model = LongLlamaForCausalLM.from_pretrained(
         checkpoint,
         torch_dtype=torch.float32,
-        mem_backend=CAPTURE_BACKEND,
-        mem_index=None,
+        mem_backend=recording_backend(backend),
+        mem_index=index,
         mem_index_params=None,
-        mem_top_k=None,
+        mem_top_k=top_k,
     ).eval()
     config = model.config
     if not config.mem_layers:
@@ -249,6 +271,7 @@ def capture(
         ),  # [L, H, Q, d] rotated
         "query_memory_size": recs[0]["seen"][-n_q:] if recs[0]["seen"] is not None else None,
         "seconds": time.perf_counter() - t0,
+        "memory_backend": backend if index is None else f"{backend}:{index}",
         "torch": str(torch.__version__),
         "knn_memory_backends": knn_memory.available_backends(),
     }
@@ -273,6 +296,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=None, help="output .pt (default: results/captures/<checkpoint>.pt)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--backend",
+        default="exact",
+        help="memory the model runs with while recording: exact (dense, default) or NAME:INDEX, e.g. faiss:auto",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=32, help="entries per query for a top-k --backend (default 32)"
+    )
     args = p.parse_args(argv)
     try:
         checkpoint = Path(args.checkpoint) if args.checkpoint else embedded_checkpoint()
@@ -299,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_queries=args.max_queries,
             store_dtype=getattr(torch, args.store_dtype),
             seed=args.seed,
+            backend=args.backend.partition(":")[0],
+            index=args.backend.partition(":")[2] or None,
+            top_k=None if args.backend == "exact" else args.top_k,
         )
     except (ValueError, OSError) as err:
         print(f"knn-memory-capture: error: {err}", file=sys.stderr)
