@@ -263,3 +263,16 @@ class BoundedIVF:
 
     def clone(self) -> BoundedIVF:
         return BoundedIVF.from_state(self.state())
+
+    def truncate(self, n: int) -> None:
+        """Remove the keys of id >= ``n`` (the caller checks 0 <= n <= :attr:`ntotal`).
+
+        The lists hold their keys in id order, so the keys kept stay where they are. :attr:`counts`
+        follow the lists; :attr:`bounds` are left as they are: a box that held the removed keys still
+        holds the kept ones, so it remains an upper bound of ``q · k`` over its list (at worst a looser
+        one: a list may be scanned, never missed, and a search that ends certain is still exact).
+        """
+        if n < self.ntotal:
+            self.index.remove_ids(faiss.IDSelectorRange(n, self.ntotal))
+        lists = self.index.invlists
+        self.counts = torch.tensor([lists.list_size(i) for i in range(self.nlist)], dtype=torch.int64)

@@ -148,3 +148,37 @@ class ChunkedTensor:
             new.fills.append(view.shape[-2])
         new._length = self._length
         return new
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` entries (0 <= n <= :attr:`length`) and forget the rest, in place.
+
+        Chunks that still hold entries are kept as they are (no copy; later appends write into the
+        kept tail of the last one), chunks left empty are dropped.
+        """
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
+        if not 0 <= n <= self._length:
+            raise ValueError(f"n must be in [0, {self._length}] (the entries stored), got {n}")
+        kept, start = 0, 0
+        for i, fill in enumerate(self.fills):
+            if start >= n:
+                break
+            self.fills[i] = min(fill, n - start)
+            start += fill
+            kept = i + 1
+        del self.chunks[kept:], self.fills[kept:]
+        self._length = n
+
+    def mark(self) -> tuple:
+        """A token of the current contents for :meth:`restore`: references to the chunks, no copy.
+
+        Appends never write inside the filled part of a chunk, so the token stays valid across appends,
+        :meth:`index_select_lead` (new chunks) and :meth:`truncate`; restoring it to an earlier mark
+        and appending again overwrites what later marks hold.
+        """
+        return (list(self.chunks), list(self.fills), self._length, self.lead)
+
+    def restore(self, mark: tuple) -> None:
+        """Return to the contents a :meth:`mark` token recorded."""
+        chunks, fills, length, lead = mark
+        self.chunks, self.fills, self._length, self.lead = list(chunks), list(fills), length, lead

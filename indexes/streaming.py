@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -623,3 +624,109 @@ class StreamingIndex:
                 raise ValueError(f"saved {new.spec.spec!r} index has lossy codes but its keys were not saved")
             new._index = index
         return new
+
+    # ------------------------------------------------------------------ rolling back
+    @property
+    def can_truncate(self) -> bool:
+        """True when :meth:`truncate` can remove keys from this index.
+
+        Always in the exact phase and for the ``"auto"`` index; for a Faiss index, when Faiss can remove
+        ids from it on the CPU (the IVF family, flat codes: ``Flat``, ``SQ8``, ``PQ16``..., also behind
+        a pre-transform). Not for HNSW (Faiss cannot remove nodes from its graph) nor a GPU index.
+        """
+        return _removable(self._index)
+
+    def truncate(self, n: int) -> None:
+        """Forget every key after the first ``n`` (0 <= n <= :attr:`ntotal`), in place, without a copy.
+
+        The store (when there is one) drops its tail and the Faiss index removes the ids >= ``n``. An
+        index trained on keys past ``n`` keeps its training (its centroids stay good ones for keys of
+        the same document) and the policy counts from ``n``: ``trained_at`` becomes at most ``n``, so
+        the next rebuild comes when the memory has grown again by the policy's factor. An index is
+        kept even when ``n`` falls below the size at which it was first built. Raises ``ValueError``,
+        before changing anything, when keys would have to leave an index that cannot remove them
+        (:attr:`can_truncate`).
+        """
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
+            raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
+        n = int(n)
+        if not 0 <= n <= self._ntotal:
+            raise ValueError(f"n must be in [0, {self._ntotal}] (the keys stored), got {n}")
+        if n == self._ntotal:
+            return
+        if not self.can_truncate:
+            raise ValueError(
+                f"index {self.spec.spec!r} on {self.device} cannot remove keys (Faiss has no remove_ids "
+                f"for it): cannot truncate {self._ntotal} keys to {n}; keep a clone() instead"
+            )
+        if self._store is not None:
+            self._store.truncate(n)
+        _remove_from(self._index, n)
+        self._ntotal = n
+        self.trained_at = min(self.trained_at, n)
+
+    def mark(self) -> IndexMark:
+        """A small token of the current state that :meth:`rollback` returns to exactly.
+
+        It holds references to the store and the index (no copy of the keys), their counts and the
+        training counters, and for the ``"auto"`` index a copy of its list bounds ([L, 2d], small). Keys
+        added later are appended after the marked ones, so rolling back removes them; when the index
+        was rebuilt in between, the marked index object (kept alive by the token) is put back.
+        Only valid for an index that :attr:`can_truncate`, or that receives no keys before the
+        rollback; rolling back to a mark makes the marks taken after it invalid.
+        """
+        bounds = self._index.bounds.clone() if isinstance(self._index, BoundedIVF) else None
+        return IndexMark(self._ntotal, self.trained_at, self.trainings, self._store, self._index, bounds)
+
+    def rollback(self, mark: IndexMark) -> None:
+        """Return to the state recorded by :meth:`mark` (see there)."""
+        if not isinstance(mark, IndexMark):
+            raise TypeError(
+                f"mark must be an IndexMark from StreamingIndex.mark(), got {type(mark).__name__}"
+            )
+        n, store, index = mark.ntotal, mark.store, mark.index
+        if (store is not None and store.length < n) or (index is not None and index.ntotal < n):
+            raise ValueError(f"the marked keys were truncated since the mark ({n} keys): cannot roll back")
+        if index is not None and index.ntotal > n and not _removable(index):
+            raise ValueError(
+                f"index {self.spec.spec!r} on {self.device} cannot remove the {index.ntotal - n} keys added "
+                f"since the mark; keep a clone() instead"
+            )
+        if store is not None:
+            store.truncate(n)
+        if index is not None:
+            _remove_from(index, n)
+            if mark.bounds is not None:
+                index.bounds.copy_(mark.bounds)
+            self._apply_params(index)
+        self._store, self._index = store, index
+        self._ntotal, self.trained_at, self.trainings = n, mark.trained_at, mark.trainings
+
+
+class IndexMark(NamedTuple):
+    """What :meth:`StreamingIndex.mark` records: counts, and references to the store and index."""
+
+    ntotal: int
+    trained_at: int
+    trainings: int
+    store: ChunkedTensor | None
+    index: faiss.Index | BoundedIVF | None
+    bounds: torch.Tensor | None  # the "auto" index's list bounds [L, 2d] (a copy)
+
+
+def _removable(index: faiss.Index | BoundedIVF | None) -> bool:
+    """True when keys can be removed from ``index`` (None: nothing to remove from)."""
+    if index is None or isinstance(index, BoundedIVF):
+        return True
+    base = faiss.downcast_index(index)
+    while isinstance(base, faiss.IndexPreTransform):
+        base = faiss.downcast_index(base.index)
+    return isinstance(base, (faiss.IndexIVF, faiss.IndexFlatCodes))
+
+
+def _remove_from(index: faiss.Index | BoundedIVF | None, n: int) -> None:
+    """Remove the ids >= ``n`` from ``index`` (ids are insertion order; those kept do not move)."""
+    if isinstance(index, BoundedIVF):
+        index.truncate(n)
+    elif index is not None and index.ntotal > n:
+        index.remove_ids(faiss.IDSelectorRange(n, index.ntotal))

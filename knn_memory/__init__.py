@@ -15,7 +15,7 @@ import indexes  # noqa: F401  isort: skip
 
 from knn_memory.agreement import AgreementReport, compare_backends, measure_agreement
 from knn_memory.attention import memory_attention
-from knn_memory.backend import MemoryBackend, resolve_dtype
+from knn_memory.backend import MemoryBackend, MemoryCheckpoint, resolve_dtype
 from knn_memory.exact import ExactBackend
 from knn_memory.faiss_backend import FaissBackend, search_knobs
 from knn_memory.hits import MemoryHits
@@ -28,6 +28,7 @@ __all__ = [
     "ExactBackend",
     "FaissBackend",
     "MemoryBackend",
+    "MemoryCheckpoint",
     "MemoryHits",
     "available_backends",
     "backend_class",

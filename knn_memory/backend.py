@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -99,6 +100,35 @@ class MemoryBackend(abc.ABC):
     @abc.abstractmethod
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` [B'] in that order (rows may repeat; beam search). B becomes B'."""
+
+    @abc.abstractmethod
+    def truncate(self, lengths: int | torch.Tensor) -> None:
+        """Forget every entry after the first ``lengths[b]`` real entries of each row b, in place.
+
+        Args:
+            lengths: an int (the same for every row) or a [B] integer tensor, each at most the row's
+                current :attr:`lengths`. Searches afterwards return what a memory that only ever
+                received those entries returns.
+
+        ``ValueError`` (before anything changes) for a length out of range, or where the backend
+        cannot remove entries (see the backend).
+        """
+
+    def checkpoint(self) -> MemoryCheckpoint:
+        """A small token of the memory now, that :meth:`rollback` returns to (e.g. after a question).
+
+        This default records :attr:`lengths` only and rolls back with :meth:`truncate`, which is right
+        as long as the rows are not reset or reordered in between; the built-in backends override it to
+        also survive those (beam search reorders) and never copy the entries where they can avoid it.
+        A token stays valid for any number of rollbacks; rolling back to it makes tokens taken after it
+        invalid.
+        """
+        return MemoryCheckpoint(self, self.lengths.clone())
+
+    def rollback(self, checkpoint: MemoryCheckpoint) -> None:
+        """Return to the state of :meth:`checkpoint` ``checkpoint``: what was added since is forgotten."""
+        self._check_checkpoint(checkpoint)
+        self.truncate(checkpoint.state)
 
     @property
     @abc.abstractmethod
@@ -235,6 +265,39 @@ class MemoryBackend(abc.ABC):
             out.append(r % self.batch_size)
         return out
 
+    def _check_lengths(self, lengths: int | torch.Tensor) -> torch.Tensor:
+        """``lengths`` of :meth:`truncate` as a [B] int64 CPU tensor, checked against :attr:`lengths`."""
+        if isinstance(lengths, int) and not isinstance(lengths, bool):
+            out = torch.full((self.batch_size,), lengths, dtype=torch.int64)
+        elif isinstance(lengths, torch.Tensor):
+            if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+                raise TypeError(f"lengths must hold integer entry counts, got dtype {lengths.dtype}")
+            if tuple(lengths.shape) != (self.batch_size,):
+                raise ValueError(
+                    f"lengths must be an int or a [B={self.batch_size}] tensor, got shape {list(lengths.shape)}"
+                )
+            out = lengths.detach().to("cpu", torch.int64)
+        else:
+            raise TypeError(f"lengths must be an int or a [B] int64 tensor, got {type(lengths).__name__}")
+        current = self.lengths
+        if bool((out < 0).any()) or bool((out > current).any()):
+            raise ValueError(
+                f"lengths must lie in [0, current length] per row: got {out.tolist()}, the rows hold "
+                f"{current.tolist()} entries"
+            )
+        return out
+
+    def _check_checkpoint(self, checkpoint: object) -> None:
+        if not isinstance(checkpoint, MemoryCheckpoint):
+            raise TypeError(
+                f"checkpoint must be a MemoryCheckpoint from this memory's checkpoint(), got "
+                f"{type(checkpoint).__name__}"
+            )
+        if checkpoint.memory is not self:
+            raise ValueError(
+                f"checkpoint was taken of another memory ({checkpoint.memory!r}), not of {self!r}"
+            )
+
     def _check_reorder(self, index: torch.Tensor) -> torch.Tensor:
         if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"index must be an int64 torch.Tensor of row indices, got {index!r}")
@@ -243,3 +306,11 @@ class MemoryBackend(abc.ABC):
         if bool((index < 0).any()) or bool((index >= self.batch_size).any()):
             raise ValueError(f"index values must lie in [0, {self.batch_size}), got {index.tolist()}")
         return index.to(torch.int64).cpu()
+
+
+@dataclass(frozen=True, eq=False)
+class MemoryCheckpoint:
+    """What :meth:`MemoryBackend.checkpoint` returns: the memory it belongs to, and what the backend needs."""
+
+    memory: MemoryBackend
+    state: object

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from knn_memory.backend import MemoryBackend
+from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
 from knn_memory.storage import ChunkedTensor, compact, gather_values
@@ -136,15 +136,56 @@ class ExactBackend(MemoryBackend):
         if rows is None:
             self._new_storage()
             return
-        for r in self._check_rows(rows):
-            for chunk in self._valid.chunks:
-                chunk[r] = False
+        index = torch.tensor(self._check_rows(rows), dtype=torch.int64, device=self.device)
+        # new flag tensors (bools, small) rather than writes into the old ones, which checkpoints hold
+        self._valid.chunks = [chunk.index_fill(0, index, False) for chunk in self._valid.chunks]
 
     def reorder(self, index: torch.Tensor) -> None:
         index = self._check_reorder(index)
         for store in (self._keys, self._values, self._valid):
             store.index_select_lead(index)
         self.batch_size = len(index)
+
+    def truncate(self, lengths: int | torch.Tensor) -> None:
+        """Forget every entry after the first ``lengths[b]`` real entries of row b (see the interface).
+
+        Rows are aligned, so all of them are cut at the same entry: the end of the row that keeps the
+        most entries (padding counted). Real entries of other rows before that cut and after their
+        own ``lengths[b]`` are flagged as padding; no row keeps an entry it was asked to forget.
+        Nothing is copied but those flags, and only when some row needs them.
+        """
+        lengths = self._check_lengths(lengths).to(self.device)
+        valid = self.valid_mask()  # [B, M]
+        if torch.equal(lengths, valid.sum(dim=-1)):
+            return
+        # the shortest prefix of each row holding lengths[b] real entries
+        ends = (valid.cumsum(dim=-1) < lengths[:, None]).sum(dim=-1) + (lengths > 0).to(torch.int64)
+        cut = int(ends.max()) if ends.numel() else 0
+        if cut == self.entries:
+            return
+        for store in (self._keys, self._values, self._valid):
+            store.truncate(cut)
+        forget = valid[:, :cut] & (torch.arange(cut, device=self.device)[None, :] >= ends[:, None])
+        if bool(forget.any()):
+            flags = (valid[:, :cut] & ~forget).unsqueeze(-1)
+            self._valid = ChunkedTensor((self.batch_size,), 1, torch.bool, self.device, self.chunk_size)
+            self._valid.append(flags)
+
+    def checkpoint(self) -> MemoryCheckpoint:
+        """References to the stored chunks and their fills (no copy; see the interface).
+
+        Entries are only ever appended after the fills, reordering makes new chunks and ``reset``
+        new storage or new flags, so the chunks referenced keep the entries of the checkpoint.
+        """
+        marks = tuple(store.mark() for store in (self._keys, self._values, self._valid))
+        return MemoryCheckpoint(self, (self.batch_size, marks))
+
+    def rollback(self, checkpoint: MemoryCheckpoint) -> None:
+        self._check_checkpoint(checkpoint)
+        batch_size, marks = checkpoint.state
+        for store, mark in zip((self._keys, self._values, self._valid), marks, strict=True):
+            store.restore(mark)
+        self.batch_size = batch_size
 
     @property
     def lengths(self) -> torch.Tensor:

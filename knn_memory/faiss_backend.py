@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from indexes import AUTO, GrowthPolicy, StreamingIndex, fan_out, parse_device, parse_spec
-from knn_memory.backend import MemoryBackend
+from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
 from knn_memory.storage import ChunkedTensor, compact, gather_values
@@ -231,6 +231,67 @@ class FaissBackend(MemoryBackend):
                 seen.add(r)
         self._rows, self._values = rows, values
         self.batch_size = len(index)
+
+    def truncate(self, lengths: int | torch.Tensor) -> None:
+        """Forget every entry after the first ``lengths[b]`` of row b (see the interface), in place.
+
+        Each head's index drops its keys past ``lengths[b]`` (:meth:`indexes.StreamingIndex.truncate`:
+        a trained index keeps its training) and the row's values their tail; nothing is copied.
+        ``ValueError`` before any change where an index cannot remove keys (HNSW, a GPU index).
+        """
+        lengths = self._check_lengths(lengths).tolist()
+        for b, n in enumerate(lengths):
+            for ix in self._rows[b]:
+                if n < ix.ntotal and not ix.can_truncate:
+                    raise ValueError(
+                        f"index {self.index!r} on {self.device} cannot remove keys, so this memory cannot be "
+                        f"truncated (row {b}: {ix.ntotal} -> {n} entries); use checkpoint()/rollback(), "
+                        f"which keep a copy of such indexes"
+                    )
+        for b, n in enumerate(lengths):
+            for ix in self._rows[b]:
+                ix.truncate(n)
+            self._values[b].truncate(n)
+
+    def checkpoint(self) -> MemoryCheckpoint:
+        """Marks of every (row, head) index and of the values (see the interface).
+
+        An index that can remove keys is marked (:meth:`indexes.StreamingIndex.mark`: references, the
+        ``"auto"`` index's small list bounds), so a rollback removes what was added since, and puts a
+        marked index back if a rebuild replaced it. An index that cannot (HNSW, GPU) is cloned here
+        once, and each rollback installs a copy of that clone: the one copy per question that such an
+        index costs. The row lists are recorded too, so a rollback also undoes a reorder (beam search).
+        """
+        rows = tuple(
+            tuple((ix, ix.mark()) if ix.can_truncate else (None, ix.clone()) for ix in row)
+            for row in self._rows
+        )
+        values = tuple((v, v.mark()) for v in self._values)
+        return MemoryCheckpoint(self, (rows, values))
+
+    def rollback(self, checkpoint: MemoryCheckpoint) -> None:
+        self._check_checkpoint(checkpoint)
+        rows, values = checkpoint.state
+        knobs = {
+            k: self.index_options[k] for k in ("nprobe", "efSearch") if self.index_options[k] is not None
+        }
+        new_rows = []
+        for row in rows:
+            new_row = []
+            for ix, saved in row:
+                if ix is None:  # an index that cannot remove keys: a fresh copy of the saved clone
+                    ix = saved.clone()
+                    if knobs:
+                        ix.set_search_params(**knobs)
+                else:
+                    ix.rollback(saved)
+                new_row.append(ix)
+            new_rows.append(new_row)
+        for v, mark in values:
+            v.restore(mark)
+        self._rows = new_rows
+        self._values = [v for v, _ in values]
+        self.batch_size = len(new_rows)
 
     @property
     def lengths(self) -> torch.Tensor:

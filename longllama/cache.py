@@ -9,9 +9,18 @@ can be carried into the next call to continue a document.
 It is a ``transformers.Cache``, so ``generate()`` carries it between steps and beam search reorders it
 (memory included, through ``MemoryBackend.reorder``). It cannot be cropped: once a token has been flushed
 into memory there is no way back, so assisted/speculative decoding is refused.
+
+Many questions about one document: :meth:`LongLlamaCache.checkpoint` after the prefill and
+:meth:`LongLlamaCache.rollback` after each question (or ``with cache.question():``) return the cache to
+the prefilled state, so each question sees the document and none of the other questions. The memories
+roll back by forgetting what was added (``MemoryBackend.checkpoint``), not by copying the document.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -178,6 +187,58 @@ class LongLlamaCache(Cache):
             layer.clear_local()
         self.positions = None
 
+    # ------------------------------------------------------------------ many questions, one prefill
+    def checkpoint(self) -> CacheCheckpoint:
+        """A token of the cache now (e.g. right after a document's prefill) for :meth:`rollback`.
+
+        It holds a copy of the local caches (at most one window per layer) and their positions, the
+        token count, and one ``MemoryBackend.checkpoint()`` per memory: lengths and references for the
+        built-in backends, never a copy of the memory where a backend can avoid it (a Faiss index
+        that cannot remove keys, e.g. HNSW, is the exception: it is cloned). One token serves any
+        number of rollbacks; rolling back to it makes tokens taken after it invalid.
+        """
+        layers = tuple(
+            (None, None) if layer.keys is None else (layer.keys.clone(), layer.values.clone())
+            for layer in self.layers
+        )
+        memories = tuple(None if layer.memory is None else layer.memory.checkpoint() for layer in self.layers)
+        positions = None if self.positions is None else self.positions.clone()
+        return CacheCheckpoint(self, layers, memories, positions, self.seen_tokens, self._batch_size)
+
+    def rollback(self, checkpoint: CacheCheckpoint) -> None:
+        """Return exactly to the state of :meth:`checkpoint` ``checkpoint``: local caches, positions, token
+        count, batch size and memories (what was added since is forgotten, reorders are undone)."""
+        if not isinstance(checkpoint, CacheCheckpoint):
+            raise TypeError(
+                f"checkpoint must be a CacheCheckpoint from this cache's checkpoint(), got {type(checkpoint).__name__}"
+            )
+        if checkpoint.cache is not self:
+            raise ValueError("checkpoint was taken of another LongLlamaCache")
+        for layer, (keys, values), memory in zip(
+            self.layers, checkpoint.layers, checkpoint.memories, strict=True
+        ):
+            if keys is None:
+                layer.clear_local()
+            else:  # a copy: the token stays intact for the next rollback
+                layer.set_local(keys.clone(), values.clone())
+            if memory is None:
+                layer.memory = None  # built after the checkpoint: the checkpoint had none
+            else:
+                layer.memory = memory.memory
+                layer.memory.rollback(memory)
+        self.positions = None if checkpoint.positions is None else checkpoint.positions.clone()
+        self.seen_tokens = checkpoint.seen_tokens
+        self._batch_size = checkpoint.batch_size
+
+    @contextlib.contextmanager
+    def question(self) -> Iterator[LongLlamaCache]:
+        """``with cache.question():`` roll the cache back to its state at entry on exit (errors too)."""
+        token = self.checkpoint()
+        try:
+            yield self
+        finally:
+            self.rollback(token)
+
     # ------------------------------------------------------------------ transformers.Cache API
     def reset(self) -> None:
         super().reset()
@@ -213,6 +274,18 @@ class LongLlamaCache(Cache):
     @property
     def is_croppable(self) -> bool:
         return False
+
+
+@dataclass(frozen=True, eq=False)
+class CacheCheckpoint:
+    """What :meth:`LongLlamaCache.checkpoint` returns (see there)."""
+
+    cache: LongLlamaCache
+    layers: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...]  # local keys, values [B, H, n, d]
+    memories: tuple[knn_memory.MemoryCheckpoint | None, ...]  # one per layer (None: no memory)
+    positions: torch.Tensor | None  # [B, local]
+    seen_tokens: int
+    batch_size: int | None
 
 
 def create_memory(config: LongLlamaConfig, batch_size: int, device: torch.device) -> knn_memory.MemoryBackend:
