@@ -584,6 +584,79 @@ def _memory_growth_section(folder: Path, readme: Path) -> list[str]:
     return lines
 
 
+def _policy_section(folder: Path) -> list[str]:
+    """Recall of the ``"auto"`` index on captured keys and queries (``benchmarks.policy_check`` runs)."""
+    runs = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not runs:
+        return []
+    lines = [
+        "## The `auto` index on the model's own keys and queries",
+        "",
+        '`python -m benchmarks.policy_check CAPTURE` streams a capture\'s keys into `faiss` with `index="auto"` '
+        "a window at a time (so its builds happen as in a run) and scores the most recent captured queries "
+        "against exact dense memory. *tie-aware* recall counts a retrieved key as a hit when it scores at "
+        "least the exact k-th score (a repeated text makes many keys equal, and plain recall then counts "
+        "an equal key as a miss). *lists/query* and *keys scanned* are what the searches actually read: "
+        "each query scans `nprobe` lists, then twice as many while a list it has not scanned could still "
+        "hold a better key, up to `max_nprobe` (*capped*: queries that reached it). *mass* is the share "
+        "of the exact memory softmax held by the retrieved keys (low for every top-32 here: these "
+        "queries spread their attention over thousands of keys).",
+        "",
+        "| capture | layer | keys N | lists L | nprobe | max_nprobe | recall@k | tie-aware | mass | "
+        "lists/query | keys scanned | capped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in runs:
+        for r in json.loads(path.read_text()):
+            lines.append(
+                f"| {path.stem} | {r['layer']} | {_size(r['keys'])} | {r['lists']} | {r['nprobe']} | "
+                f"{r.get('max_nprobe', '-')} | {r['recall_mean']:.3f} | {_f(r.get('tie_recall_mean'), '.3f')} | "
+                f"{r['mass_recall_mean']:.4f} | {_f(r.get('lists_per_query'), '.1f')} | "
+                f"{100 * r['scanned_fraction']:.2f}% | {_f(100 * r.get('capped_fraction', 0), '.1f')}% |"
+            )
+    return [*lines, ""]
+
+
+def _phases_section(folder: Path) -> list[str]:
+    """One long prefill split into phases, beside each phase's floor (``benchmarks.phases`` runs)."""
+    runs = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not runs:
+        return []
+    lines = [
+        "## Where the time of one long prefill goes",
+        "",
+        "`python -m benchmarks.phases` reads one passkey prompt of the embedded model and times the "
+        "library's own functions (nested calls subtracted, so the phases add up to the wall time). The "
+        "floor of a phase is its work over this machine's ceiling measured in the same run with the same "
+        "threads: FLOP over the fp32 matmul rate (model, search, builds), bytes over the memory read rate "
+        "(gather, add). *x floor* is how far the phase is from it.",
+        "",
+    ]
+    for path in runs:
+        r = json.loads(path.read_text())
+        c = r["ceilings"]
+        lines += [
+            f"### {path.stem}: {_size(r['tokens'])} tokens, `{r['backend']}` top-{r['top_k']}, "
+            f"{r['threads']} thread(s)",
+            "",
+            f"Prefill {r['prefill_seconds']:.0f} s; decode {_f(r.get('decode_tokens_per_second'), '.1f')} "
+            f"tokens/s after it; {r['memory_entries_per_head']} keys per head in {r.get('lists_per_head') or '-'} "
+            f"lists; peak RSS {r['peak_rss_mib']:.0f} MiB; ceilings: fp32 matmul "
+            f"{c['matmul_fp32_gflops']:.0f} GFLOP/s, memory read {c['mem_read_gbs']:.1f} GB/s.",
+            "",
+            "| phase | seconds | share | floor (s) | x floor |",
+            "|---|---|---|---|---|",
+        ]
+        for p in r["phases"]:
+            floor = p["floor_seconds"]
+            ratio = "–" if not floor else f"{p['seconds'] / floor:.1f}"
+            lines.append(
+                f"| {p['phase']} | {p['seconds']:.1f} | {100 * p['share']:.1f}% | {_f(floor, '.1f')} | {ratio} |"
+            )
+        lines.append("")
+    return lines
+
+
 def _plots_section(readme: Path, plots: list[Path]) -> list[str]:
     if not plots:
         return []
@@ -634,6 +707,8 @@ def write_report(results: Path = DEFAULT_OUT, readme: Path = README) -> Path:
     lines += _plots_section(readme, plots)
     lines += _e2e_section(results / "end_to_end.jsonl")
     lines += _memory_growth_section(results / "memory_growth", readme)
+    lines += _policy_section(results / "policy_check")
+    lines += _phases_section(results / "phases")
     lines += [METHOD, USAGE]
     readme.write_text("\n".join(lines).rstrip() + "\n")
     return readme

@@ -8,10 +8,10 @@ that: at 1M keys, IVF1024 scans ~16k keys per query at nprobe 16.
 The policy (:class:`GrowthPolicy`, every field a keyword of the ``"faiss"`` backend with
 ``index="auto"``):
 
-1. **Exact while small.** Below ``exact_until`` keys per head (default 16384) the search is exact: it
+1. **Exact while small.** Below ``exact_until`` keys per head (default 8192) the search is exact: it
    costs little, needs no training, and has recall 1.
 2. **Then IVF with lists ~ sqrt(N).** At ``exact_until`` keys an IVF is built with
-   ``L = lists_per_sqrt * sqrt(N)`` lists (default 2, so 256 lists at 16k keys, 2048 at 1M).
+   ``L = lists_per_sqrt * sqrt(N)`` lists (default 2, so 181 lists at 8k keys, 2048 at 1M).
 3. **Rebuilt as it grows.** When the memory has grown ``regrow_factor`` times (default 2) since the
    last build, the index is rebuilt with the L of the new size, from a fresh training sample. Keys
    drift over a long document, so an old coarse quantizer also loses recall (measured 0.95 -> 0.73);
@@ -63,7 +63,7 @@ def _check_number(name: str, value: object, low: float, high: float) -> float:
 class GrowthPolicy:
     """Parameters of the ``"auto"`` index (see the module docstring for why each default)."""
 
-    exact_until: int = 16384
+    exact_until: int = 8192
     lists_per_sqrt: float = 2.0
     regrow_factor: float = 2.0
     nprobe: int = 8

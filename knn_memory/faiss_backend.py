@@ -22,8 +22,8 @@ from knn_memory.registry import register_backend
 from knn_memory.storage import ChunkedTensor, compact, gather_values
 
 DEFAULT_TOP_K = 128
-VALUE_CHUNK_BYTES = 64 * 2**20  # the largest value chunk of a row (chunks double up to it)
-FIRST_VALUE_CHUNK = 4096
+VALUE_CHUNK_BYTES = 256 * 2**20  # the largest value chunk of a row (chunks double up to it)
+FIRST_VALUE_CHUNK = 16384
 POLICY_OPTIONS = tuple(n for n in GrowthPolicy.option_names() if n != "nprobe")
 
 

@@ -158,6 +158,23 @@ def write_report(results: list[PasskeyResult], out: Path, args: dict) -> str:
     return text
 
 
+def _index_options(texts: list[str]) -> dict:
+    """``["max_nprobe=8", "lists_per_sqrt=1.5"]`` -> ``{"max_nprobe": 8, "lists_per_sqrt": 1.5}``."""
+    options: dict = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise ValueError(f"--index-option {text!r} must be NAME=VALUE, e.g. max_nprobe=8")
+        try:
+            options[name.strip()] = int(value)
+        except ValueError:
+            try:
+                options[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"--index-option {text!r}: the value must be a number") from None
+    return options
+
+
 def _parser() -> OneLineParser:
     p = OneLineParser(prog="longllama-passkey", description="Passkey retrieval accuracy vs context length.")
     p.add_argument(
@@ -172,6 +189,13 @@ def _parser() -> OneLineParser:
     p.add_argument("--top-k", type=int, default=None, help="memory entries per query (faiss default 128)")
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--efSearch", type=int, default=None)
+    p.add_argument(
+        "--index-option",
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="another option of the Faiss backend's index, e.g. max_nprobe=8 for faiss:auto (repeatable)",
+    )
     p.add_argument("--last-context-length", type=int, default=None)
     p.add_argument("--mem-dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--grouping", default=None, help="mem_attention_grouping as 'heads,queries'")
@@ -240,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--tokenizer {str(tokenizer_path)!r} does not exist")
         tokenizer = load_tokenizer(tokenizer_path)
         params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.efSearch)) if v is not None}
+        options = _index_options(args.index_option or [])
         runs = []
         head_dim = model.config.hidden_size // model.config.num_attention_heads
         for settings in backends:
@@ -249,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             knobs: dict = {}
             if settings["mem_backend"] == "faiss":
                 accepted = knn_memory.search_knobs(settings["mem_index"], head_dim)
-                knobs = {k: v for k, v in params.items() if k in accepted}
+                knobs = {k: v for k, v in params.items() if k in accepted} | options
                 cfg["mem_index_params"] = knobs or None
             runs.append((_label(settings, args.top_k, knobs), cfg))
         for _, cfg in runs:  # every backend setting is checked before the long part starts

@@ -159,6 +159,8 @@ def test_cli_depth_sweep_and_summarize_only(tmp_path, capsys):
 
 def test_parsers():
     assert parse_length("4k") == 4096 and parse_length("1m") == 1 << 20 and parse_length("1500") == 1500
+    assert parse_length("10m") == 10 << 20 and parse_length("10M") == 10 << 20
+    assert parse_backend("faiss:auto") == {"mem_backend": "faiss", "mem_index": "auto"}
     assert parse_backend("faiss:IVF64,Flat") == {"mem_backend": "faiss", "mem_index": "IVF64,Flat"}
     with pytest.raises(ValueError, match=r"must be .exact."):
         parse_backend("exact:Flat")
