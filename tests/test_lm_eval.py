@@ -89,3 +89,25 @@ def test_entry_point_prints_the_include_path_and_writes_documents(tmp_path, caps
     assert [d["seed"] for d in docs] == [0, 1, 2] and len({d["answer"] for d in docs}) == 3
     with pytest.raises(SystemExit):
         main(["--jsonl", str(out), "--lengths", "12"])
+
+
+def test_lm_eval_command_line_loads_the_model_through_its_auto_map(tmp_path):
+    """``lm_eval --model hf`` in a fresh interpreter that never imports the library itself: the
+    checkpoint's ``auto_map`` and ``trust_remote_code=True`` load it."""
+    import subprocess
+    import sys
+
+    args = f"pretrained={embedded_model_path()},trust_remote_code=True,max_length=2048,dtype=float32"
+    cmd = [
+        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", args,
+        "--include_path", str(TASKS_DIR), "--tasks", "longllama_passkey", "--batch_size", "1",
+        "--metadata", json.dumps({"lengths": [512], "num_samples": 2}), "--output_path", str(tmp_path / "out"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={
+        **__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"
+    })  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results_*.json")]
+    assert len(results) == 1
+    assert results[0]["results"]["longllama_passkey"]["exact_match,none"] == 1.0
+    assert results[0]["config"]["model"] == "hf"
