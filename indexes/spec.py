@@ -12,12 +12,22 @@ from dataclasses import dataclass
 
 import faiss
 
+from indexes.validate import MAX_DIM, check_int
+
 # Search-time knobs we accept, with the Faiss ParameterSpace name each maps to.
 SEARCH_PARAMS = ("nprobe", "efSearch")
 
 # Faiss k-means warns below 39 training points per centroid; PQ / SQ codebooks have 256 centroids.
 POINTS_PER_CENTROID = 39
 _CODEBOOK_CENTROIDS = 256
+# Bounds on what reaches ``faiss.index_factory`` (a very long string or a huge number in it crashes or
+# exhausts memory inside Faiss): the string's length, any number in it, and a few numbers of their own.
+MAX_SPEC_LENGTH = 256
+MAX_SPEC_NUMBER = 2**20  # IVF lists, PQ sub-quantizers, transform dims...
+MAX_HNSW_M = 512
+MAX_CODE_BITS = 16
+#: ``nprobe`` / ``efSearch`` at most (Faiss sizes per-query buffers by them)
+MAX_SEARCH_PARAM = 2**20
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,23 @@ def _probe(spec: str, dim: int) -> faiss.Index:
             f"at dim={dim} (Faiss says: {reason}). Examples: 'Flat', 'IVF1024,Flat', 'HNSW32', "
             f"'IVF1024,PQ20', 'SQ8'."
         ) from None
+
+
+def _check_numbers(spec: str) -> None:
+    """Refuse a spec whose numbers would overflow or exhaust memory in Faiss, before Faiss sees it."""
+    for m in re.finditer(r"\d+", spec):
+        if len(m.group(0)) > 7 or int(m.group(0)) > MAX_SPEC_NUMBER:
+            raise ValueError(
+                f"index {spec[:64]!r}: number {m.group(0)[:16]} is too large (at most {MAX_SPEC_NUMBER})"
+            )
+    for m in re.finditer(r"HNSW(\d+)", spec):
+        if int(m.group(1)) > MAX_HNSW_M:
+            raise ValueError(f"index {spec!r}: {m.group(0)} has M={m.group(1)}; HNSW takes M <= {MAX_HNSW_M}")
+    for m in re.finditer(r"x(\d+)", spec):
+        if int(m.group(1)) > MAX_CODE_BITS:
+            raise ValueError(
+                f"index {spec!r}: {m.group(0)} asks for codes of {m.group(1)} bits; at most {MAX_CODE_BITS}"
+            )
 
 
 def _check_sizes(spec: str, index: faiss.Index) -> list[int]:
@@ -96,11 +123,16 @@ def parse_spec(spec: str, dim: int) -> IndexSpec:
     """
     if not isinstance(spec, str):
         raise TypeError(f"index must be a Faiss index_factory string, got {type(spec).__name__}")
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    dim = check_int(dim, "dim", 1, MAX_DIM)
+    if len(spec) > MAX_SPEC_LENGTH:
+        raise ValueError(
+            f"index must be a Faiss index_factory string of at most {MAX_SPEC_LENGTH} characters, "
+            f"got one of {len(spec)} ({spec[:32]!r}...)"
+        )
     spec = spec.strip()
     if not spec:
         raise ValueError("index must be a non-empty Faiss index_factory string, got ''")
+    _check_numbers(spec)
     if re.search(r"(^|,)NSG", spec):
         raise ValueError(f"index {spec!r}: NSG graphs cannot be extended after they are built; use HNSW")
     if re.search(r"(^|,)IDMap", spec):
@@ -165,9 +197,7 @@ def check_search_params(spec: IndexSpec, params: dict[str, int | None]) -> dict[
                 f"search parameter {name}={value!r} does not apply to index {spec.spec!r} "
                 f"(it accepts {list(spec.search_params) or 'none'})"
             )
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-        out[name] = value
+        out[name] = check_int(value, name, 1, MAX_SEARCH_PARAM)
     return out
 
 

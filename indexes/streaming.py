@@ -48,6 +48,7 @@ from indexes.spec import (
     check_search_params,
     parse_spec,
 )
+from indexes.validate import INT64_MAX, MAX_DIM, MAX_K, check_float, check_int, check_optional_int
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,8 @@ def _as_keys(x: object, dim: int, name: str) -> torch.Tensor:
 
 
 def check_k(k: object, name: str = "k") -> int:
-    """``k`` as a positive int, or ``ValueError``/``TypeError`` naming it (as ``name``)."""
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
-        raise TypeError(f"{name} must be a positive int, got {type(k).__name__} {k!r}")
-    if k < 1:
-        raise ValueError(f"{name} must be >= 1, got {k}")
-    return int(k)
+    """``k`` as an int in [1, ``MAX_K``], or ``ValueError``/``TypeError`` naming it (as ``name``)."""
+    return check_int(k, name, 1, MAX_K)
 
 
 def _to_numpy(x: torch.Tensor) -> np.ndarray:
@@ -160,8 +157,7 @@ class StreamingIndex:
         store_dtype: torch.dtype = torch.float32,
         policy: GrowthPolicy | None = None,
     ) -> None:
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        dim = check_int(dim, "dim", 1, MAX_DIM)
         if spec == AUTO or (isinstance(spec, IndexSpec) and spec.spec == AUTO):
             policy = policy or GrowthPolicy()
             if not isinstance(policy, GrowthPolicy):
@@ -191,26 +187,12 @@ class StreamingIndex:
                     f"or an IVF index"
                 )
         self.search_params = check_search_params(self.spec, {"nprobe": nprobe, "efSearch": efSearch})
-        if min_train_points is not None and (
-            not isinstance(min_train_points, int)
-            or isinstance(min_train_points, bool)
-            or min_train_points < 0
-        ):
-            raise ValueError(f"min_train_points must be an int >= 0 or None, got {min_train_points!r}")
-        if retrain_factor is not None and (
-            not isinstance(retrain_factor, (int, float))
-            or isinstance(retrain_factor, bool)
-            or not retrain_factor > 1
-        ):
-            raise ValueError(f"retrain_factor must be a number > 1 or None, got {retrain_factor!r}")
-        if train_sample is not None and (
-            not isinstance(train_sample, int) or isinstance(train_sample, bool) or train_sample < 1
-        ):
-            raise ValueError(f"train_sample must be a positive int or None, got {train_sample!r}")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        check_optional_int(min_train_points, "min_train_points", 0, INT64_MAX)
+        if retrain_factor is not None:
+            check_float(retrain_factor, "retrain_factor", 1.0, 1e9, low_open=True)
+        check_optional_int(train_sample, "train_sample", 1, INT64_MAX)
+        check_int(chunk_size, "chunk_size", 1, 2**31)
+        check_int(seed, "seed", 0, INT64_MAX)
         if store_dtype not in _STORE_DTYPES:
             raise ValueError(f"store_dtype must be one of {list(_STORE_DTYPES)}, got {store_dtype!r}")
         self.min_train_points = max(min_train_points or 0, self.spec.min_train_points)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from indexes import check_k, parse_device
+from indexes.validate import MAX_COUNT, MAX_DIM, check_int, check_tensor_fits
 from knn_memory.hits import MemoryHits
+from knn_memory.locking import reading, writing
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -29,14 +31,6 @@ def resolve_dtype(mem_dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"mem_dtype must be one of {list(_DTYPES)}, got {mem_dtype!r}")
 
 
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 class MemoryBackend(abc.ABC):
     """Memory of one memory layer: one store per (batch row, head).
 
@@ -48,12 +42,24 @@ class MemoryBackend(abc.ABC):
         device: where the memory lives.
         top_k: entries returned per query (``None``: backend default).
 
-    Threads: searches may run from several threads at once (they only read); ``add``, ``reset`` and
-    ``reorder`` must not overlap with any other call on the same memory.
+    Threads: every public method holds the memory's readers-writer lock (:mod:`knn_memory.locking`),
+    taken here once for every subclass. Searches (and ``state``, ``checkpoint``) from several threads
+    run at once; ``add``, ``reset``, ``reorder``, ``truncate``, ``rollback``, ``set_search_params`` and
+    ``save`` run alone: a call that would overlap waits for the other to finish.
     """
 
     #: registry name, set by :func:`knn_memory.registry.register_backend`
     name: str = ""
+    #: public methods that only read the memory (run concurrently) and those that change it (alone)
+    READERS = ("search", "state", "checkpoint")
+    WRITERS = ("add", "reset", "reorder", "truncate", "rollback", "set_search_params", "save")
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for names, wrap in ((cls.READERS, reading), (cls.WRITERS, writing)):
+            for name in names:
+                if name in cls.__dict__:
+                    setattr(cls, name, wrap(cls.__dict__[name]))
 
     def __init__(
         self,
@@ -65,9 +71,9 @@ class MemoryBackend(abc.ABC):
         device: str | torch.device = "cpu",
         top_k: int | None = None,
     ) -> None:
-        self.num_heads = _positive_int(num_heads, "num_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.num_heads = check_int(num_heads, "num_heads", 1, MAX_COUNT)
+        self.head_dim = check_int(head_dim, "head_dim", 1, MAX_DIM)
+        self.batch_size = check_int(batch_size, "batch_size", 1, MAX_COUNT)
         self.mem_dtype = resolve_dtype(mem_dtype)
         self.device = parse_device(device)
         self.top_k = None if top_k is None else check_k(top_k, "top_k")
@@ -114,6 +120,7 @@ class MemoryBackend(abc.ABC):
         cannot remove entries (see the backend).
         """
 
+    @reading
     def checkpoint(self) -> MemoryCheckpoint:
         """A small token of the memory now, that :meth:`rollback` returns to (e.g. after a question).
 
@@ -125,6 +132,7 @@ class MemoryBackend(abc.ABC):
         """
         return MemoryCheckpoint(self, self.lengths.clone())
 
+    @writing
     def rollback(self, checkpoint: MemoryCheckpoint) -> None:
         """Return to the state of :meth:`checkpoint` ``checkpoint``: what was added since is forgotten."""
         self._check_checkpoint(checkpoint)
@@ -150,6 +158,12 @@ class MemoryBackend(abc.ABC):
         """Rebuild a backend saved by :meth:`state`."""
 
     # ------------------------------------------------------------------ shared behaviour
+    def __getstate__(self) -> dict:
+        """For copy / deepcopy: everything but the lock (a copy gets its own)."""
+        state = self.__dict__.copy()
+        state.pop("_rwlock", None)
+        return state
+
     def __len__(self) -> int:
         """Most real entries stored in any row."""
         lengths = self.lengths
@@ -160,6 +174,7 @@ class MemoryBackend(abc.ABC):
         """True when no row holds an entry."""
         return len(self) == 0
 
+    @writing
     def save(self, path: str) -> None:
         """Write this memory to directory ``path`` (atomically; see :mod:`knn_memory.persistence`)."""
         from knn_memory.persistence import save_backend
@@ -201,8 +216,8 @@ class MemoryBackend(abc.ABC):
                 )
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}, but this memory lives on {self.device}")
-            if t.numel() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} contains NaN or inf")
+            # finite, and still finite once rounded to mem_dtype (float16 overflows past 65504)
+            check_tensor_fits(t, name, self.mem_dtype)
         if keys.shape != values.shape:
             raise ValueError(
                 f"keys {list(keys.shape)} and values {list(values.shape)} must have the same shape"
@@ -232,8 +247,18 @@ class MemoryBackend(abc.ABC):
             heads = slice(0, self.num_heads)
         if not isinstance(heads, slice) or heads.step not in (None, 1):
             raise TypeError(f"heads must be a contiguous slice of head indices, got {heads!r}")
-        start, stop, _ = heads.indices(self.num_heads)
-        n_heads = max(stop - start, 0)
+        start = 0 if heads.start is None else heads.start
+        stop = self.num_heads if heads.stop is None else heads.stop
+        if (
+            not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.num_heads)
+            or isinstance(start, bool)
+            or isinstance(stop, bool)
+        ):
+            raise ValueError(
+                f"heads must be a non-empty slice start:stop with 0 <= start < stop <= num_heads="
+                f"{self.num_heads}, got {heads!r}"
+            )
+        n_heads = stop - start
         want = (self.batch_size, n_heads, queries.shape[2], self.head_dim)
         if tuple(queries.shape) != want:
             raise ValueError(
@@ -252,10 +277,16 @@ class MemoryBackend(abc.ABC):
     def _check_rows(self, rows: Sequence[int] | torch.Tensor | None) -> list[int]:
         if rows is None:
             return list(range(self.batch_size))
+        if isinstance(rows, int) and not isinstance(rows, bool):
+            rows = [rows]  # one row
         if isinstance(rows, torch.Tensor):
             if rows.dtype == torch.bool or rows.is_floating_point():
                 raise TypeError(f"rows must hold integer row indices, got dtype {rows.dtype}")
             rows = rows.flatten().tolist()
+        if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+            raise TypeError(
+                f"rows must be None, an int, a sequence of ints or an integer tensor, got {type(rows).__name__}"
+            )
         out = []
         for r in rows:
             if not isinstance(r, int) or isinstance(r, bool):

@@ -139,6 +139,16 @@ class ExactBackend(MemoryBackend):
         index = torch.tensor(self._check_rows(rows), dtype=torch.int64, device=self.device)
         # new flag tensors (bools, small) rather than writes into the old ones, which checkpoints hold
         self._valid.chunks = [chunk.index_fill(0, index, False) for chunk in self._valid.chunks]
+        # rows are aligned: entries past the last real entry of every row are dropped (all of them when
+        # no row keeps any), so resetting the longest rows frees their storage
+        valid = self.valid_mask()
+        real = valid.any(dim=0).nonzero()
+        cut = int(real[-1]) + 1 if real.numel() else 0
+        if cut == 0:
+            self._new_storage()
+        elif cut < self.entries:
+            for store in (self._keys, self._values, self._valid):
+                store.truncate(cut)
 
     def reorder(self, index: torch.Tensor) -> None:
         index = self._check_reorder(index)

@@ -226,6 +226,31 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_CHECKPOINT_KEYS = ("model", "optimizer", "torch_rng", "step", "log", "train_config")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a ``checkpoint.pt`` as plain data only (``weights_only=True``: a crafted file cannot run code).
+
+    Raises:
+        ValueError: the file is missing, unreadable, holds anything but tensors and plain values, or
+            lacks a checkpoint's entries.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"no checkpoint at {str(path)!r}") from None
+    except Exception as err:  # UnpicklingError for anything but plain data, or a damaged file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read as plain data ({reason})") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is not a training checkpoint (missing {missing})")
+    if not isinstance(ckpt["train_config"], dict) or not isinstance(ckpt["step"], int):
+        raise ValueError(f"checkpoint {str(path)!r} has a malformed train_config or step")
+    return ckpt
+
+
 def train(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -259,7 +284,7 @@ def train(
     start_step = 0
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
         if ckpt["train_config"] != asdict(cfg):
             raise ValueError("--resume: the checkpoint was made with a different training config")
         model.load_state_dict(ckpt["model"])
@@ -364,10 +389,16 @@ def export(out: Path, model: LongLlamaForCausalLM, log: list[dict]) -> Path:
 def export_checkpoint(run_dir: str | Path) -> Path:
     """``out/model`` from the run's latest checkpoint (a run stopped early is still usable)."""
     out = Path(run_dir)
-    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-    cfg = TrainConfig(**ckpt["train_config"])
-    model = LongLlamaForCausalLM(model_config(cfg))
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    try:
+        cfg = TrainConfig(**ckpt["train_config"])
+        model = LongLlamaForCausalLM(model_config(cfg))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"checkpoint {str(out / 'checkpoint.pt')!r} does not match its config ({reason})"
+        ) from None
     return export(out, model, ckpt["log"])
 
 

@@ -166,7 +166,7 @@ def test_cli_approximate_index(tmp_path, capsys):
     ("argv", "needle"),
     [
         (["--k", "abc"], "argument --k: invalid int value: 'abc'"),
-        (["--k", "0"], "top_k must be >= 1, got 0"),
+        (["--k", "0"], "top_k must be a positive int, got 0 "),
         (["--backend", "annoy"], "unknown memory backend 'annoy'"),
         (["--source", "real"], "argument --source: invalid choice: 'real'"),
         (["--keys", "0"], "--keys must be >= 1, got 0"),

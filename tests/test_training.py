@@ -176,7 +176,7 @@ def test_training_loss_falls_and_resume_is_exact(tmp_path):
             train(cfg, stop_dir, progress=False)
     finally:
         training.make_batch = real_batch
-    assert torch.load(stop_dir / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert torch.load(stop_dir / "checkpoint.pt", weights_only=True)["step"] == 6
     train(cfg, stop_dir, resume=True, progress=False)
     resumed = [json.loads(line) for line in (stop_dir / "log.jsonl").read_text().splitlines()]
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in log], rel=1e-5)
