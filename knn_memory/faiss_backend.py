@@ -20,6 +20,7 @@ from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
 from knn_memory.storage import ChunkedTensor, compact, gather_values
+from knn_memory.validate import INT64_MAX, MAX_COUNT, check_int, check_optional_int
 
 DEFAULT_TOP_K = 128
 VALUE_CHUNK_BYTES = 256 * 2**20  # the largest value chunk of a row (chunks double up to it)
@@ -90,9 +91,8 @@ class FaissBackend(MemoryBackend):
         else:
             self.policy = None
             self.index_spec = parse_spec(index, self.head_dim)
-        if workers is not None and (not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be a positive int or None, got {workers!r}")
-        self.workers = workers
+        self.workers = check_optional_int(workers, "workers", 1, MAX_COUNT)
+        check_int(seed, "seed", 0, INT64_MAX)
         self.value_device = self.device if value_device is None else parse_device(value_device)
         if self.value_device not in (self.device, torch.device("cpu")):
             raise ValueError(

@@ -11,20 +11,28 @@ Layout of a saved memory directory::
       CURRENT              name of the live version folder (replaced atomically)
       v-<id>/meta.json     format, format version, description, sha256 and size of every file
       v-<id>/<name>.pt     tensors and plain values (torch.save, loaded with weights_only=True)
+      .versions.json       the version names this library wrote here (the only ones a save removes)
+      .lock                the writers' OS file lock (flock)
 
 A save writes a new version folder (files written, flushed and fsynced under a temporary name, then
 renamed), then atomically replaces ``CURRENT``, then removes older versions. A process killed at any
 point leaves either the previous memory or the new one loadable, never a half-written one; a failed
-write (``OSError``) raises and leaves the previous memory in place. One writer per directory at a
-time; readers may run while a writer saves (a reader that loses the race to the writer's clean-up
-retries on the new version).
+write (``OSError``, a full disk included) raises and leaves the previous memory in place. Writers to
+one directory, threads or processes, take turns on an OS file lock; readers may run while a writer
+saves (a reader that loses the race to the writer's clean-up retries on the new version). A save never
+removes what it cannot prove it wrote (the manifest), and refuses a non-empty directory that holds no
+saved memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -39,8 +47,10 @@ FORMAT = "knn-memory/backend"
 CACHE_FORMAT = "knn-memory/cache"
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
-# names this module creates inside a memory directory (anything else there is left alone)
-_OWN_PREFIXES = ("v-", ".tmp-v-", f".{CURRENT}.")
+#: the writers' lock file and the list of versions this library wrote (the only ones it deletes)
+LOCK = ".lock"
+MANIFEST = ".versions.json"
+_VERSION_NAME = re.compile(r"v-[0-9a-f]{12}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,19 +69,89 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _read_manifest(root: Path) -> list[str] | None:
+    """Version names this library wrote into ``root`` (None: no manifest there)."""
+    try:
+        names = json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []  # unreadable: prove nothing, delete nothing
+    if not isinstance(names, list):
+        return []
+    return [n for n in names if isinstance(n, str) and _VERSION_NAME.fullmatch(n)]
+
+
+def _write_manifest(root: Path, names: list[str]) -> None:
+    tmp = root / f"{MANIFEST}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(sorted(set(names)), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _proven_live(root: Path) -> str | None:
+    """The version ``CURRENT`` names, if it is a version folder with this library's ``meta.json``."""
+    try:
+        name = (root / CURRENT).read_text().strip()
+        meta = json.loads((root / name / "meta.json").read_text()) if _VERSION_NAME.fullmatch(name) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(meta, dict) and meta.get("format") in (FORMAT, CACHE_FORMAT):
+        return name
+    return None
+
+
 def _check_target(root: Path) -> None:
-    """Refuse a path that is a file, or a non-empty directory that is not a saved memory."""
+    """Refuse a path that is a file, or a non-empty directory that is not a saved memory.
+
+    A directory is a saved memory when its ``CURRENT`` names a version with this library's
+    ``meta.json``, or when it holds only what an interrupted first save leaves (names in its manifest).
+    """
     if root.exists() and not root.is_dir():
         raise ValueError(f"path {str(root)!r} exists and is not a directory")
-    if root.is_dir():
-        foreign = [
-            p.name for p in root.iterdir() if p.name != CURRENT and not p.name.startswith(_OWN_PREFIXES)
-        ]
-        if foreign and not (root / CURRENT).is_file():
-            raise ValueError(
-                f"path {str(root)!r} is a non-empty directory that holds no saved memory "
-                f"(it has {sorted(foreign)[:3]}); refusing to write into it"
-            )
+    if not root.is_dir() or _proven_live(root) is not None:
+        return
+    own = set(_read_manifest(root) or [])
+    foreign = [
+        p.name
+        for p in root.iterdir()
+        if p.name not in (LOCK, MANIFEST, f"{MANIFEST}.tmp")
+        and p.name.removeprefix(".tmp-").removeprefix(f".{CURRENT}.") not in own
+    ]
+    if foreign:
+        raise ValueError(
+            f"path {str(root)!r} is a non-empty directory that holds no saved memory "
+            f"(it has {sorted(foreign)[:3]}); refusing to write into it"
+        )
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    """Hold an exclusive OS lock (``flock``) on ``root``'s lock file: one writer at a time, across processes."""
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _torch_save(obj: object, fpath: Path) -> None:
+    """``torch.save`` to ``fpath``, fsynced; a failed write (full disk, quota) is an ``OSError``."""
+    try:
+        with open(fpath, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as err:  # torch's stream writer reports a failed write as a RuntimeError
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "write failed"
+        raise OSError(errno.EIO, f"writing {fpath.name} failed ({reason})", str(fpath)) from None
 
 
 def write_version(
@@ -85,19 +165,35 @@ def write_version(
             at a time, just before their file is written, so only one large state is in memory at once.
         meta: JSON-serialisable description; it gets ``files`` (sha256 and size of each file).
 
-    ``CURRENT`` is switched only once every file is on disk. Returns the new version folder.
+    ``CURRENT`` is switched only once every file is on disk. Writers to one directory (threads or
+    processes) take turns on an OS file lock. Only versions recorded in the directory's manifest (the
+    ones this library wrote there) are ever removed. Returns the new version folder.
 
     Raises:
         ValueError: ``root`` is a file, or a directory with other content.
-        OSError: a write failed; the previous version (if any) is still the live one and nothing
-            half-written is left behind.
+        OSError: a write failed (full disk included); the previous version (if any) is still the live
+            one and nothing half-written is left behind.
     """
     root = Path(root)
     _check_target(root)
     if not root.is_dir():
-        root.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
         _fsync_dir(root.parent)
+    with _locked(root):
+        _check_target(root)  # again, now that no other writer runs
+        return _write_locked(root, files, meta)
+
+
+def _write_locked(root: Path, files: dict[str, object | Callable[[], object]], meta: dict) -> Path:
     name = f"v-{uuid.uuid4().hex[:12]}"
+    own = [
+        n
+        for n in _read_manifest(root) or []
+        if any(p.exists() for p in (root / n, root / f".tmp-{n}", root / f".{CURRENT}.{n}"))
+    ]
+    live = _proven_live(root)
+    # record the name before anything of it exists, so a killed save leaves only removable leftovers
+    _write_manifest(root, [*own, *([live] if live else []), name])
     tmp = root / f".tmp-{name}"
     pointer = root / f".{CURRENT}.{name}"
     switched = False
@@ -108,10 +204,7 @@ def write_version(
             if callable(obj):
                 obj = obj()
             fpath = tmp / fname
-            with open(fpath, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
+            _torch_save(obj, fpath)
             del obj
             checksums[fname] = {"sha256": _sha256(fpath), "bytes": fpath.stat().st_size}
         meta = {**meta, "files": checksums}
@@ -134,13 +227,19 @@ def write_version(
         pointer.unlink(missing_ok=True)
         if not switched:  # once CURRENT names the new version, it is complete and live: keep it
             shutil.rmtree(root / name, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _write_manifest(root, [n for n in (_read_manifest(root) or []) if n != name])
         raise
-    for old in root.iterdir():  # previous versions and leftovers of interrupted saves
-        if old.name != name and old.name.startswith(_OWN_PREFIXES):
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
+    # previous versions and leftovers of interrupted saves: only those the manifest proves are ours
+    for old in _read_manifest(root) or []:
+        if old == name:
+            continue
+        for leftover in (root / old, root / f".tmp-{old}", root / f".{CURRENT}.{old}"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
             else:
-                old.unlink(missing_ok=True)
+                leftover.unlink(missing_ok=True)
+    # the manifest keeps the removed names until the next save prunes them (one write fewer here)
     return root / name
 
 

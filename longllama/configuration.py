@@ -36,6 +36,7 @@ import torch
 from transformers import PreTrainedConfig
 
 import knn_memory
+from knn_memory.validate import INT32_MAX, MAX_K, check_int
 from longllama.windows import WINDOW_ALIGNMENTS
 
 MEM_DTYPES = ("float32", "float16", "bfloat16")
@@ -54,12 +55,8 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _positive_int(name: str, value: object) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
+def _positive_int(name: str, value: object, high: int = INT32_MAX) -> int:
+    return check_int(value, name, 1, high)
 
 
 def _bool(name: str, value: object) -> bool:
@@ -109,7 +106,7 @@ def _normalize_mem_backend(value: object) -> str:
 
 
 def _normalize_mem_top_k(value: object) -> int | None:
-    return None if value is None else _positive_int("mem_top_k", value)
+    return None if value is None else _positive_int("mem_top_k", value, MAX_K)
 
 
 def _normalize_mem_index(value: object) -> str | None:
