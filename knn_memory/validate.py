@@ -16,7 +16,6 @@ from indexes.validate import (
     check_optional_int,
     check_tensor_fits,
     is_int,
-    overflow_bound,
 )
 
 __all__ = [
@@ -31,5 +30,4 @@ __all__ = [
     "check_optional_int",
     "check_tensor_fits",
     "is_int",
-    "overflow_bound",
 ]
