@@ -52,6 +52,21 @@ def _decode_lists(index: faiss.IndexIVF, n: int, dim: int) -> np.ndarray:
     return out
 
 
+def _check_ids(index: faiss.IndexIVF) -> None:
+    """``ValueError`` unless the lists of a loaded IVF hold each id of 0..ntotal-1 exactly once."""
+    lists = index.invlists
+    parts = [
+        faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+        for i in range(index.nlist)
+        if lists.list_size(i)
+    ]
+    ids = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+    if ids.shape[0] != index.ntotal or not np.array_equal(ids, np.arange(index.ntotal)):
+        raise ValueError(
+            f"saved index ids are not 0..{index.ntotal - 1}, each once (out of range or repeated)"
+        )
+
+
 class BoundedIVF:
     """IVF with exact codes and box-bound list ranking (see the module docstring).
 
@@ -229,8 +244,9 @@ class BoundedIVF:
         }
 
     @classmethod
-    def from_state(cls, state: dict) -> BoundedIVF:
-        """Rebuild from :meth:`state`; ``ValueError`` for bytes Faiss cannot read or inconsistent bounds."""
+    def from_state(cls, state: dict, dim: int | None = None) -> BoundedIVF:
+        """Rebuild from :meth:`state`; ``ValueError`` for bytes Faiss cannot read, another index type,
+        metric or dim, lossy codes, inconsistent bounds or counts, or ids that are not 0..ntotal-1."""
         try:
             index = faiss.deserialize_index(np.ascontiguousarray(state["faiss"].numpy(), dtype=np.uint8))
         except RuntimeError as err:
@@ -240,6 +256,15 @@ class BoundedIVF:
             raise ValueError(
                 f"saved 'auto' index is a {type(index).__name__}, expected an IVF with exact codes"
             )
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError(f"saved 'auto' index has metric {index.metric_type}, expected inner product")
+        if isinstance(index, faiss.IndexIVFScalarQuantizer) and (
+            index.by_residual
+            or index.sq.qtype not in (faiss.ScalarQuantizer.QT_fp16, faiss.ScalarQuantizer.QT_bf16)
+        ):
+            raise ValueError("saved 'auto' index has lossy codes, expected exact fp16 / bf16 / float32 codes")
+        if dim is not None and index.d != dim:
+            raise ValueError(f"saved 'auto' index has dim {index.d}, expected {dim}")
         bounds, counts = state["bounds"], state["counts"]
         want = (int(index.nlist), 2 * int(index.d))
         if (
@@ -259,6 +284,7 @@ class BoundedIVF:
         sizes = torch.tensor([index.invlists.list_size(i) for i in range(index.nlist)], dtype=torch.int64)
         if not torch.equal(sizes, counts):
             raise ValueError("saved list counts do not match the lists of the saved index")
+        _check_ids(index)
         return cls(index, bounds.clone(), counts.clone())
 
     def clone(self) -> BoundedIVF:

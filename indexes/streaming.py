@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 import torch
 
-from indexes.bounded_ivf import BoundedIVF, _decode_lists
+from indexes.bounded_ivf import BoundedIVF, _check_ids, _decode_lists
 from indexes.chunked import ChunkedTensor
 from indexes.gpu import check_gpu_limits, index_to_gpu, parse_device
 from indexes.growth import AUTO, GrowthPolicy
@@ -71,6 +71,64 @@ def _as_keys(x: object, dim: int, name: str) -> torch.Tensor:
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return x.detach().to(torch.float32).contiguous()
+
+
+def _signature(index: faiss.Index) -> tuple:
+    """Type, dims and code layout of an index and the indexes inside it (what a factory string fixes)."""
+    owner, index = index, faiss.downcast_index(index)  # (``owner`` keeps the C++ object alive)
+    # a flat index reads back as IndexFlatIP / IndexFlatL2 (the metric is compared on its own)
+    kind = "IndexFlat" if isinstance(index, faiss.IndexFlat) else type(index).__name__
+    sig: tuple = (kind, int(index.d), int(index.metric_type), getattr(index, "code_size", None))
+    if isinstance(index, faiss.IndexPreTransform):
+        chain = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+        # an OPQ matrix reads back as a plain LinearTransform
+        kinds = [
+            "LinearTransform" if isinstance(t, faiss.LinearTransform) else type(t).__name__ for t in chain
+        ]
+        return (
+            *sig,
+            tuple((k, t.d_in, t.d_out) for k, t in zip(kinds, chain, strict=True)),
+            _signature(index.index),
+        )
+    if isinstance(index, faiss.IndexIVF):
+        return (*sig, int(index.nlist), _signature(index.quantizer))
+    if getattr(index, "hnsw", None) is not None:
+        return (*sig, int(index.hnsw.nb_neighbors(0)), _signature(index.storage))
+    del owner
+    return sig
+
+
+def _check_loaded_index(index: faiss.Index, spec: IndexSpec) -> None:
+    """``ValueError`` unless a deserialised index is what ``spec`` builds (type, metric, dims), with
+    ids in range (IVF lists) and an HNSW graph that only links stored nodes; before any search."""
+    fresh = build_index(spec)
+    if _signature(index) != _signature(fresh):
+        raise ValueError(
+            f"saved index is a {type(faiss.downcast_index(index)).__name__} (metric {index.metric_type}, "
+            f"dim {index.d}) that does not match its spec {spec.spec!r} (inner product, dim {spec.dim})"
+        )
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        _check_ids(ivf)
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        n = (
+            int(faiss.downcast_index(index).ntotal)
+            if not isinstance(index, faiss.IndexPreTransform)
+            else int(index.ntotal)
+        )
+        links = faiss.vector_to_array(hnsw.neighbors)
+        levels = faiss.vector_to_array(hnsw.levels)
+        offsets = faiss.vector_to_array(hnsw.offsets)
+        if (
+            levels.shape[0] != n
+            or offsets.shape[0] != n + 1
+            or (n and (offsets[0] != 0 or offsets[-1] != links.shape[0] or np.any(np.diff(offsets) < 0)))
+            or (links.size and (links.min() < -1 or links.max() >= n))
+            or not -1 <= hnsw.entry_point < max(n, 1)
+            or (levels.size and (levels.min() < 1 or levels.max() > hnsw.max_level + 1))
+        ):
+            raise ValueError("saved HNSW graph links nodes that do not exist (corrupt or edited)")
 
 
 def check_k(k: object, name: str = "k") -> int:
@@ -588,7 +646,7 @@ class StreamingIndex:
             if new.policy is not None:
                 if not isinstance(index_bytes, dict):
                     raise ValueError("saved 'auto' index must be a dict of its parts")
-                index = BoundedIVF.from_state(index_bytes)
+                index = BoundedIVF.from_state(index_bytes, dim=new.dim)
                 new._apply_params(index)
             elif not isinstance(index_bytes, torch.Tensor):
                 raise ValueError(f"saved {new.spec.spec!r} index must be a uint8 tensor of Faiss bytes")
@@ -598,6 +656,8 @@ class StreamingIndex:
                 except RuntimeError as err:  # Faiss cannot parse the bytes
                     reason = str(err).strip().splitlines()[-1]
                     raise ValueError(f"saved {new.spec.spec!r} index cannot be read ({reason})") from None
+            if not isinstance(index, BoundedIVF):
+                _check_loaded_index(index, new.spec)
             if index.ntotal != ntotal:
                 raise ValueError(f"saved index holds {index.ntotal} keys but {ntotal} keys were saved")
             if index.d != new.dim:

@@ -16,6 +16,7 @@ from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
 from knn_memory.storage import ChunkedTensor, compact, gather_values
+from knn_memory.validate import check_tensor_fits
 
 DEFAULT_CHUNK = 4096
 
@@ -226,8 +227,11 @@ class ExactBackend(MemoryBackend):
         keys, values, valid = state["keys"], state["values"], state["valid"]
         want = (new.batch_size, new.num_heads, keys.shape[2], new.head_dim)
         for name, t in (("keys", keys), ("values", values)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"saved {name} must be a floating-point tensor")
             if tuple(t.shape) != want:
                 raise ValueError(f"saved {name} have shape {list(t.shape)}, expected {list(want)}")
+            check_tensor_fits(t, f"saved {name}", new.mem_dtype)
         if tuple(valid.shape) != (new.batch_size, keys.shape[2]) or valid.dtype != torch.bool:
             raise ValueError(f"saved valid mask has shape {list(valid.shape)} / {valid.dtype}")
         if keys.shape[2]:

@@ -20,7 +20,7 @@ from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
 from knn_memory.storage import ChunkedTensor, compact, gather_values
-from knn_memory.validate import INT64_MAX, MAX_COUNT, check_int, check_optional_int
+from knn_memory.validate import INT64_MAX, MAX_COUNT, check_int, check_optional_int, check_tensor_fits
 
 DEFAULT_TOP_K = 128
 VALUE_CHUNK_BYTES = 256 * 2**20  # the largest value chunk of a row (chunks double up to it)
@@ -341,6 +341,9 @@ class FaissBackend(MemoryBackend):
             if any(ix.ntotal != n for ix in new._rows[b]):
                 raise ValueError(f"saved row {b}: heads hold different numbers of keys")
             v = values[b]
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                raise ValueError(f"saved values of row {b} must be a floating-point tensor")
+            check_tensor_fits(v, f"saved values of row {b}", new.mem_dtype)
             if tuple(v.shape) != (new.num_heads, n, new.head_dim):
                 raise ValueError(
                     f"saved values of row {b} have shape {list(v.shape)}, expected {[new.num_heads, n, new.head_dim]}"

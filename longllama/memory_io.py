@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -75,18 +77,36 @@ def memory_file(layer_idx: int) -> str:
     return f"memory-{layer_idx}.pt"
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 over every parameter's name, shape, dtype and a strided sample of up to 4096 of its values.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    Cheap for any model size, and different for different checkpoints (or fine-tunes) of one architecture.
+
+def _tensor_digest(p: torch.Tensor) -> bytes:
+    data = p.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").digest()
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over every parameter's name, shape, dtype and every byte of its values.
+
+    Each tensor is hashed on its own (threads: hashlib releases the GIL), then the digests together;
+    about 1.8 GB/s per core here, so a 3B-parameter bf16 model (6 GB) takes ~3 s on one core. The
+    result is remembered per module until a parameter is replaced or changed in place (torch's
+    version counter), so saving and loading memories does not hash the model again.
     """
+    params = sorted(module.named_parameters(), key=lambda item: item[0])
+    key = tuple((name, p.data_ptr(), p._version, tuple(p.shape), p.dtype) for name, p in params)
+    cached = _FINGERPRINTS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(params), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(lambda item: _tensor_digest(item[1]), params))
     h = hashlib.sha256()
-    for name, p in sorted(module.named_parameters(), key=lambda item: item[0]):
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096].cpu().contiguous()
+    for (name, p), digest in zip(params, digests, strict=True):
         h.update(f"{name}:{list(p.shape)}:{p.dtype};".encode())
-        h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
-    return h.hexdigest()
+        h.update(digest)
+    fingerprint = h.hexdigest()
+    _FINGERPRINTS[module] = (key, fingerprint)
+    return fingerprint
 
 
 def _config_fields(config: LongLlamaConfig) -> dict:

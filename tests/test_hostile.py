@@ -452,3 +452,84 @@ def test_exact_reset_frees_the_rows_storage():
     assert mem.nbytes == full  # row 1 still holds 64 aligned entries
     mem.reset([1])
     assert mem.nbytes < full and len(mem) == 0
+
+
+# ---------------------------------------------------------------------- 7. saved memories checked for meaning
+def _tamper(root: Path, edit) -> None:
+    version = next(p for p in root.iterdir() if p.name.startswith("v-"))
+    state = torch.load(version / "state.pt", weights_only=True)
+    edit(state)
+    torch.save(state, version / "state.pt")
+    _recompute_checksums(version)
+
+
+def _faiss_bytes(index) -> torch.Tensor:
+    import faiss
+
+    return torch.from_numpy(faiss.serialize_index(index).copy())
+
+
+def _swap_index(kind: str):
+    def edit(state):
+        import faiss
+
+        for row in state["rows"]:
+            for s in row:
+                if kind == "l2":
+                    index = faiss.IndexFlatL2(8)
+                elif kind == "dim":
+                    index = faiss.IndexFlatIP(4)
+                else:
+                    index = faiss.index_factory(8, "HNSW8", faiss.METRIC_INNER_PRODUCT)
+                index.add(torch.randn(s["ntotal"], index.d).numpy())
+                s["index"] = _faiss_bytes(index)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("index", "edit", "match"),
+    [
+        ("Flat", lambda s: s["values"][0].view(-1).__setitem__(0, float("nan")), "NaN or inf"),
+        ("IVF2,Flat", lambda s: s["values"][0].view(-1).__setitem__(3, float("inf")), "NaN or inf"),
+        ("IVF2,Flat", _swap_index("l2"), "does not match its spec"),
+        ("IVF2,Flat", _swap_index("dim"), "does not match its spec"),
+        ("IVF2,Flat", _swap_index("hnsw"), "does not match its spec"),
+    ],
+)
+def test_tampered_memories_with_recomputed_checksums_are_refused(tmp_path, index, edit, match):
+    mem = filled("faiss", n=200, index=index, **({"min_train_points": 100} if "IVF" in index else {}))
+    mem.save(tmp_path / "m")
+    _tamper(tmp_path / "m", edit)
+    result = run_child(
+        f"""
+        from knn_memory import load_backend
+        try:
+            load_backend({str(tmp_path / "m")!r})
+            print("LOADED")
+        except ValueError as err:
+            print("refused:", err)
+        """
+    )
+    assert result.returncode == 0 and "refused" in result.stdout and match in result.stdout, (
+        result.stdout + result.stderr[-2000:]
+    )
+
+
+def test_exact_memory_with_nan_keys_is_refused(tmp_path):
+    mem = filled("exact")
+    mem.save(tmp_path / "m")
+    _tamper(tmp_path / "m", lambda s: s["keys"].view(-1).__setitem__(5, float("nan")))
+    with pytest.raises(ValueError, match="saved keys contains NaN or inf"):
+        load_backend(tmp_path / "m")
+
+
+def test_fingerprint_sees_every_weight():
+    from longllama.memory_io import weights_fingerprint
+
+    layer = torch.nn.Linear(256, 256)  # 65536 weights: a sample of 4096 would take every 16th
+    before = weights_fingerprint(layer)
+    assert weights_fingerprint(layer) == before
+    with torch.no_grad():
+        layer.weight.view(-1)[1] += 1.0  # in place: the remembered fingerprint must not be reused
+    assert weights_fingerprint(layer) != before
