@@ -17,7 +17,6 @@ A benchmark script, not a test: exit code 0 whether targets are met or not (2 fo
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -31,7 +30,9 @@ from benchmarks import measure
 from benchmarks.ceilings import machine_info, matmul_gflops
 from benchmarks.scaling import DEFAULT_OUT, parse_size
 from indexes import faiss_threads
+from knn_memory.cli import BadArguments, OneLineParser, check_writable_file, error_exit
 from knn_memory.synthetic import make_memory
+from knn_memory.validate import INT32_MAX, check_int
 
 FLAT_TARGET = 0.6
 
@@ -180,7 +181,7 @@ def _fmt_bytes(n: float) -> str:
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="knn-memory-backend-check", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="knn-memory-backend-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--keys", type=parse_size, default=131072, help="keys per head for the Flat check (128k)")
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--queries", type=int, default=2048)
@@ -190,10 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-heads", type=int, default=4)
     p.add_argument("--group-queries", type=int, default=512)
     p.add_argument("--json", default=str(DEFAULT_OUT / "backend_check.json"), help="'' to skip")
-    args = p.parse_args(argv)
-    if min(args.keys, args.heads, args.queries, args.k, args.dim) < 1:
-        print("knn-memory-backend-check: error: sizes must be >= 1", file=sys.stderr)
-        return 2
+    try:
+        args = p.parse_args(argv)
+        for name in ("keys", "heads", "queries", "k", "dim", "group_memory", "group_heads", "group_queries"):
+            check_int(getattr(args, name), "--" + name.replace("_", "-"), 1, INT32_MAX)
+        if args.k > args.keys:
+            raise ValueError(f"--k ({args.k}) must not exceed --keys ({args.keys})")
+        if args.json:  # written after minutes of work: checked first
+            check_writable_file(args.json, "--json")
+    except (BadArguments, ValueError, TypeError) as err:
+        return error_exit("knn-memory-backend-check", err)
     t0 = time.perf_counter()
     flat = flat_check(args.keys, args.heads, args.queries, args.k, args.dim)
     print(

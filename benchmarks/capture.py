@@ -27,7 +27,6 @@ The output (a ``torch.save`` dict, format ``knn-memory-capture/1``) is read by
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import random
 import sys
@@ -40,6 +39,7 @@ import torch
 import knn_memory
 from benchmarks.sources import CAPTURE_FORMAT
 from knn_memory import ExactBackend, register_backend
+from knn_memory.cli import BadArguments, OneLineParser, check_writable_file, error_exit
 
 CAPTURE_BACKEND = "capture"
 DEFAULT_DIR = Path(__file__).parent / "results" / "captures"
@@ -284,7 +284,7 @@ def capture(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="knn-memory-capture", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="knn-memory-capture", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "checkpoint", nargs="?", default=None, help="checkpoint directory (default: the embedded model)"
     )
@@ -304,8 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--top-k", type=int, default=32, help="entries per query for a top-k --backend (default 32)"
     )
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         checkpoint = Path(args.checkpoint) if args.checkpoint else embedded_checkpoint()
         if checkpoint is None:
             raise ValueError("no checkpoint given and the longllama package ships no embedded model yet")
@@ -321,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_tokens = args.tokens if (args.tokens or not args.text) else None
         default_name = "embedded" if not args.checkpoint else checkpoint.name
         out = Path(args.out) if args.out else DEFAULT_DIR / f"{default_name}.pt"
+        check_writable_file(out, "--out")  # before the model runs, not after
         path = capture(
             checkpoint,
             out,
@@ -334,9 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             index=args.backend.partition(":")[2] or None,
             top_k=None if args.backend == "exact" else args.top_k,
         )
-    except (ValueError, OSError) as err:
-        print(f"knn-memory-capture: error: {err}", file=sys.stderr)
-        return 2
+    except (BadArguments, ValueError, OSError) as err:
+        return error_exit("knn-memory-capture", err)
     data = torch.load(path, weights_only=True)
     L, H, N, d = data["keys"].shape
     print(

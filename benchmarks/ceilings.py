@@ -15,7 +15,6 @@ and as a fraction of these figures.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import knn_memory  # noqa: F401  (imports Faiss before torch runs anything, as the library does)
+from knn_memory.cli import BadArguments, OneLineParser, check_writable_file, error_exit
 
 
 @dataclass
@@ -207,11 +207,30 @@ def format_ceilings(c: Ceilings) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="knn-memory-ceilings", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="knn-memory-ceilings", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="smaller problems, about 3 s")
     p.add_argument("--json", default=None, help="also write the figures to this file")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(
+                f"--device {args.device!r} is not a device such as cpu, cuda or cuda:0"
+            ) from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device!r}: torch sees no CUDA device here")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {args.device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+        if args.json:
+            check_writable_file(args.json, "--json")
+    except (BadArguments, ValueError) as err:
+        return error_exit("knn-memory-ceilings", err)
     c = measure_ceilings(args.device, quick=args.quick)
     print(format_ceilings(c))
     if args.json:

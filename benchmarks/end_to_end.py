@@ -33,6 +33,7 @@ from tqdm import tqdm
 from benchmarks.ceilings import machine_info
 from benchmarks.measure import PeakRSS
 from benchmarks.scaling import DEFAULT_OUT, append_rows, parse_size, read_rows
+from knn_memory.cli import BadArguments, OneLineParser, check_writable_dir, error_exit
 
 DEFAULT_BACKENDS = "exact;faiss:Flat;faiss:IVF256,Flat:nprobe=32;faiss:HNSW32:efSearch=128"
 TINY = {
@@ -52,12 +53,12 @@ def parse_backend(text: str) -> dict:
     if parts[0] == "exact" and len(parts) == 1:
         return {"mem_backend": "exact", "mem_index": None, "mem_top_k": None, "mem_index_params": None}
     if parts[0] != "faiss" or len(parts) < 2 or not parts[1]:
-        raise ValueError(f"backend {text!r}: use 'exact' or 'faiss:<factory string>[:nprobe=32]'")
+        raise ValueError(f"--backends {text!r}: use 'exact' or 'faiss:<factory string>[:nprobe=32]'")
     params = {}
     for kv in parts[2:]:
         name, _, value = kv.partition("=")
         if not value.isdigit():
-            raise ValueError(f"backend {text!r}: knob {kv!r} must be name=<int>")
+            raise ValueError(f"--backends {text!r}: knob {kv!r} must be name=<int>")
         params[name] = int(value)
     return {"mem_backend": "faiss", "mem_index": parts[1], "mem_index_params": params or None}
 
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="knn-memory-end-to-end",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -187,19 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
     try:
-        args.contexts = [parse_size(c) for c in args.contexts.split(",") if c.strip()]
+        args = p.parse_args(argv)
+        args.contexts = [parse_size(c, "--contexts") for c in args.contexts.split(",") if c.strip()]
+        if not args.contexts:
+            raise ValueError(f"--contexts must name at least one length, got {args.contexts!r}")
         args.backends = [b.strip() for b in args.backends.split(";") if b.strip()]
         for b in args.backends:
             parse_backend(b)
         if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
             raise ValueError(f"{Path(args.checkpoint).name}: not a checkpoint directory (no config.json)")
         if args.top_k < 1 or args.decode < 0:
-            raise ValueError("--top-k must be >= 1 and --decode >= 0")
-    except ValueError as err:
-        print(f"knn-memory-end-to-end: error: {err}", file=sys.stderr)
-        return 2
+            raise ValueError(f"--top-k must be >= 1 and --decode >= 0, got {args.top_k} and {args.decode}")
+        check_writable_dir(args.out, "--out")  # results are appended after each point: checked first
+    except (BadArguments, ValueError, TypeError) as err:
+        return error_exit("knn-memory-end-to-end", err)
     rows = run(args)
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}")

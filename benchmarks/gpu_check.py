@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -680,12 +681,34 @@ def _plain_token_count(text: str) -> int:
     t = text.strip().lower()
     scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
     try:
-        value = int(float(t[:-1] if scale > 1 else t) * scale)
+        number = float(t[:-1] if scale > 1 else t) * scale
     except ValueError:
         raise ValueError(f"--tokens {text!r} is not a token count such as 5000, 64k or 1m") from None
-    if value < 64:
+    if not number <= 2**40:  # NaN, inf and sizes no GPU holds
+        raise ValueError(f"--tokens {text!r} is not a finite token count of at most {2**40}")
+    if int(number) < 64:
         raise ValueError(f"--tokens {text!r} is below 64 tokens")
-    return value
+    return int(number)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors raise ``ValueError`` (one stderr line, exit code 2) instead of usage + exit."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def _writable_dir(text: str) -> Path:
+    """``--out`` created and proved writable (a probe file made and removed) before the steps run."""
+    out = Path(text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"--out {text!r} cannot be written ({err.strerror or type(err).__name__})") from None
+    return out
 
 
 def cuda_device(text: str) -> torch.device:
@@ -759,7 +782,7 @@ def run_steps(device: torch.device, args: argparse.Namespace, tokens: int, out: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=TOOL, description=__doc__.split("\n\n")[0])
+    p = _OneLineParser(prog=TOOL, description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--out", default="benchmarks/results/gpu", help="folder for gpu_check.json and gpu_check.txt"
     )
@@ -774,23 +797,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"overall time budget (default {DEFAULT_BUDGET_S:.0f})",
     )
     p.add_argument("--device", default="cuda", help="CUDA device (default cuda)")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         tokens = _parse_tokens(args.tokens)
-        if not args.budget_s > 0:
-            raise ValueError(f"--budget-s must be > 0, got {args.budget_s}")
+        if not 0 < args.budget_s < math.inf:
+            raise ValueError(f"--budget-s must be a finite number of seconds > 0, got {args.budget_s}")
         device = cuda_device(args.device)
     except LookupError as err:
         print(err, file=sys.stderr)
         return 2
     except ValueError as err:
-        print(f"{TOOL}: error: {err}", file=sys.stderr)
+        print(f"{TOOL}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"{TOOL}: error: --out {args.out!r}: {err}", file=sys.stderr)
+        out = _writable_dir(args.out)
+    except ValueError as err:
+        print(f"{TOOL}: error: {err}", file=sys.stderr)
         return 2
     result = run_steps(device, args, tokens, out)
     print(format_report(result))

@@ -35,7 +35,14 @@ import time
 from pathlib import Path
 
 import knn_memory
-from longllama.cli_args import BadArguments, OneLineParser, parse_backend, parse_token_count
+from longllama.cli_args import (
+    BadArguments,
+    OneLineParser,
+    check_writable_dir,
+    error_exit,
+    parse_backend,
+    parse_token_count,
+)
 
 MIB = 1 << 20
 SPIKE_FACTOR = 1.5
@@ -378,12 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                 index=spec.get("mem_index"),
                 **(spec["mem_index_params"] or {}),
             )
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+        out = check_writable_dir(args.out, "--out")  # before the measurements, not after them
     except (BadArguments, ValueError, TypeError) as err:
-        print(f"memory_growth: error: {err}", file=sys.stderr)
-        return 2
+        return error_exit("memory_growth", err)
 
     out.mkdir(parents=True, exist_ok=True)
     runs = []

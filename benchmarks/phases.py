@@ -24,7 +24,6 @@ the memory read bandwidth for the gather and the add. Dispatch has no work of it
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -42,7 +41,14 @@ from indexes.bounded_ivf import BoundedIVF
 from indexes.streaming import StreamingIndex
 from knn_memory import faiss_backend
 from knn_memory.faiss_backend import FaissBackend
-from longllama.cli_args import parse_backend, parse_token_count
+from longllama.cli_args import (
+    BadArguments,
+    OneLineParser,
+    check_writable_file,
+    error_exit,
+    parse_backend,
+    parse_token_count,
+)
 
 
 class Timers:
@@ -240,7 +246,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="knn-memory-phases", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="knn-memory-phases", description=__doc__.split("\n\n")[0])
     p.add_argument("--length", default="1m", help="prompt length in tokens, e.g. 64k, 1m (default 1m)")
     p.add_argument("--backend", default="faiss:auto", help="exact, or faiss:<index> (default faiss:auto)")
     p.add_argument("--top-k", type=int, default=32)
@@ -249,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decode", type=int, default=32, help="tokens generated after the prefill (default 32)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         length = parse_token_count(args.length, "--length", minimum=64)
         parse_backend(args.backend)
         for name in ("top_k", "threads"):
@@ -260,11 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--nprobe must be >= 1, got {args.nprobe}")
         if args.decode < 0:
             raise ValueError(f"--decode must be >= 0, got {args.decode}")
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError) as err:
-        print(f"knn-memory-phases: error: {err}", file=sys.stderr)
-        return 2
+        if args.out:  # written after the prefill: checked first
+            check_writable_file(args.out, "--out")
+    except (BadArguments, ValueError, OSError) as err:
+        return error_exit("knn-memory-phases", err)
     result = run(length, args.backend, args.top_k, args.nprobe, args.threads, args.seed, args.decode)
     print(format_table(result["phases"], result["prefill_seconds"]))
     if result["decode_tokens_per_second"]:

@@ -16,7 +16,6 @@ A capture of the embedded model at 1M tokens is made with
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -27,6 +26,8 @@ import torch
 
 import knn_memory
 from benchmarks.sources import load_capture
+from knn_memory.cli import BadArguments, OneLineParser, check_writable_file, error_exit
+from knn_memory.validate import check_float, check_int
 
 QUERY_BLOCK = 64  # queries compared at once (the dense reference holds [H, block, N] scores)
 
@@ -126,7 +127,7 @@ def check_layer(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="knn-memory-policy-check", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="knn-memory-policy-check", description=__doc__.split("\n\n")[0])
     p.add_argument("capture", help="a capture file written by knn-memory-capture")
     p.add_argument("--nprobe", default="4,8,16,32", help="nprobe values to score (default 4,8,16,32)")
     p.add_argument("--top-k", type=int, default=32, help="entries per query (default 32)")
@@ -136,15 +137,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lists-per-sqrt", type=float, default=None, help="override the policy's list factor")
     p.add_argument("--max-nprobe", type=int, default=None, help="override the policy's max_nprobe")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         nprobes = _parse_ints(args.nprobe, "--nprobe")
         if args.top_k < 1 or args.queries < 1:
-            raise ValueError("--top-k and --queries must be >= 1")
+            raise ValueError(f"--top-k and --queries must be >= 1, got {args.top_k} and {args.queries}")
+        if args.lists_per_sqrt is not None:
+            check_float(args.lists_per_sqrt, "--lists-per-sqrt", 0.0, 1e6, low_open=True)
+        if args.max_nprobe is not None:
+            check_int(args.max_nprobe, "--max-nprobe", 1)
+        if args.out:  # written after every layer is scored: checked first
+            check_writable_file(args.out, "--out")
         data = load_capture(args.capture)
-    except (ValueError, OSError) as err:
-        print(f"knn-memory-policy-check: error: {err}", file=sys.stderr)
-        return 2
+    except (BadArguments, ValueError, TypeError, OSError) as err:
+        return error_exit("knn-memory-policy-check", err)
     knn_memory.set_threads(1)
     policy = {} if args.lists_per_sqrt is None else {"lists_per_sqrt": args.lists_per_sqrt}
     if args.max_nprobe is not None:

@@ -9,7 +9,6 @@ targets (met or not, and by how much), the tables and the plots.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from benchmarks.plots import _knob, _size, flat_speedups, main_rows, plot_all
 from benchmarks.scaling import DEFAULT_OUT, iter_points, read_rows
+from knn_memory.cli import BadArguments, OneLineParser, check_writable_file, error_exit
 
 README = Path(__file__).parent / "README.md"
 RECALL_TARGET = 0.95
@@ -715,13 +715,16 @@ def write_report(results: Path = DEFAULT_OUT, readme: Path = README) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="knn-memory-bench-report", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="knn-memory-bench-report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="?", default=str(DEFAULT_OUT), help="results folder")
     p.add_argument("--readme", default=str(README), help="the file to write")
-    args = p.parse_args(argv)
-    if not Path(args.results).is_dir():
-        print(f"knn-memory-bench-report: error: no results folder {Path(args.results).name}", file=sys.stderr)
-        return 2
+    try:
+        args = p.parse_args(argv)
+        if not Path(args.results).is_dir():
+            raise ValueError(f"results: no results folder {Path(args.results).name}")
+        check_writable_file(args.readme, "--readme")
+    except (BadArguments, ValueError) as err:
+        return error_exit("knn-memory-bench-report", err)
     print(write_report(Path(args.results), Path(args.readme)))
     return 0
 

@@ -48,6 +48,14 @@ from benchmarks.sources import (
     load_memory,
     source_label,
 )
+from knn_memory.cli import (
+    BadArguments,
+    OneLineParser,
+    check_writable_dir,
+    check_writable_file,
+    error_exit,
+    parse_count,
+)
 
 CAPTURED = "captured:"
 WINDOW = 2048  # keys added per window (LongLLaMA-3B's window)
@@ -110,14 +118,10 @@ class Group:
         return [self.point_id(f, s, kn, q) for f, s, kn in self.configs() for q in self.queries]
 
 
-def parse_size(text: str) -> int:
-    """``4096``, ``4k`` (4096), ``1M`` (1048576)."""
-    t = text.strip().lower()
-    mult = {"k": 2**10, "m": 2**20}.get(t[-1:], 1)
-    value = int(float(t[:-1] if mult > 1 else t) * mult)
-    if value < 1:
-        raise ValueError(f"size must be >= 1, got {text!r}")
-    return value
+def parse_size(text: str, name: str = "size") -> int:
+    """``4096``, ``4k`` (4096), ``1M`` (1048576); ``ValueError`` naming ``name`` for anything else
+    (not a number, NaN, inf, below 1 or beyond any run)."""
+    return parse_count(text, name, minimum=1, what="size")
 
 
 def log_sizes(low: int, high: int) -> list[int]:
@@ -759,13 +763,22 @@ def run(args: argparse.Namespace) -> RunSummary:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="knn-memory-scaling",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    lst = lambda conv: lambda s: [conv(x) for x in s.split(",") if x.strip()]  # noqa: E731
+
+    def lst(conv):
+        def parse(text: str) -> list:
+            try:
+                return [conv(x) for x in text.split(",") if x.strip()]
+            except ValueError as err:  # argparse then names the option and keeps this reason
+                raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+        return parse
+
     p.add_argument("--quick", action="store_true", help="a smoke sweep that finishes in under 3 minutes")
     p.add_argument(
         "--preset",
@@ -821,22 +834,25 @@ def _parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    args.argv = argv
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.out is None:
-        args.out = str(DEFAULT_OUT / "quick") if args.quick else str(DEFAULT_OUT)
-    if args.quick and args.agree_queries == 2048:
-        args.agree_queries = 512
     try:
+        args = _parser().parse_args(argv)
+        args.argv = argv
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.out is None:
+            args.out = str(DEFAULT_OUT / "quick") if args.quick else str(DEFAULT_OUT)
+        if args.quick and args.agree_queries == 2048:
+            args.agree_queries = 512
         for s in args.sources or []:
             check_source(s)
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device here (GPU rows are measured only where one is)")
-    except ValueError as err:
-        print(f"knn-memory-scaling: error: {err}", file=sys.stderr)
-        return 2
+        if not args.list:  # results are written only after minutes of work: check the paths first
+            check_writable_dir(args.out, "--out")
+            if args.readme:
+                check_writable_file(args.readme, "--readme")
+    except (BadArguments, ValueError, TypeError) as err:
+        return error_exit("knn-memory-scaling", err)
     summary = run(args)
     if args.list:
         return 0

@@ -17,6 +17,7 @@ import sys
 import torch
 
 from knn_memory.agreement import measure_agreement
+from knn_memory.cli import check_writable_file
 from knn_memory.registry import available_backends
 from knn_memory.synthetic import SOURCES, make_memory
 
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--json {args.json!r} is a directory; give a file name")
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise ValueError(f"--json {args.json!r}: its directory does not exist")
+        if args.json:
+            check_writable_file(args.json, "--json")
         keys, values, queries = make_memory(
             args.source,
             num_heads=args.heads,

@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import argparse
+from knn_memory.cli import (
+    BadArguments,
+    OneLineParser,
+    check_writable_dir,
+    check_writable_file,
+    error_exit,
+    parse_count,
+)
 
-
-class BadArguments(ValueError):
-    """A command-line argument was refused (the tool prints one line and exits with code 2)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """``ArgumentParser`` whose errors raise :class:`BadArguments` instead of printing usage and exiting."""
-
-    def error(self, message: str):
-        raise BadArguments(message)
+__all__ = [
+    "BadArguments",
+    "OneLineParser",
+    "check_writable_dir",
+    "check_writable_file",
+    "error_exit",
+    "parse_backend",
+    "parse_count",
+    "parse_token_count",
+]
 
 
 def parse_token_count(text: str, name: str = "--tokens", minimum: int = 1) -> int:
-    """``"4k"`` -> 4096, ``"1m"`` -> 1048576, ``"1500"`` -> 1500; ``ValueError`` naming ``name`` otherwise."""
-    t = text.strip().lower()
-    scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
-    try:
-        value = int(float(t[:-1] if scale > 1 else t) * scale)
-    except ValueError:
-        raise ValueError(f"{name} {text!r} is not a token count such as 5000, 64k or 1m") from None
-    if value < minimum:
-        raise ValueError(f"{name} {text!r} is below {minimum} tokens")
-    return value
+    """``"4k"`` -> 4096, ``"1m"`` -> 1048576, ``"1500"`` -> 1500; ``ValueError`` naming ``name`` otherwise
+    (not a number, NaN, infinite, below ``minimum`` or beyond any run: see :func:`knn_memory.cli.parse_count`)."""
+    return parse_count(text, name, minimum, what="token count")
 
 
 def parse_backend(text: str, name: str = "--backend") -> dict:

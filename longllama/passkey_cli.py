@@ -22,7 +22,14 @@ import torch
 from tqdm import tqdm
 
 import knn_memory
-from longllama.cli_args import BadArguments, OneLineParser, parse_backend, parse_token_count
+from longllama.cli_args import (
+    BadArguments,
+    OneLineParser,
+    check_writable_dir,
+    error_exit,
+    parse_backend,
+    parse_token_count,
+)
 from longllama.passkey import PasskeyResult, make_prompt, memory_settings, run_passkey, summarize
 
 INNER_PROGRESS_FROM = 32768  # prompts this long also get a bar of the tokens read within the run
@@ -30,7 +37,7 @@ INNER_PROGRESS_FROM = 32768  # prompts this long also get a bar of the tokens re
 
 def parse_length(text: str) -> int:
     """``"4k"`` -> 4096: a prompt length in tokens (at least 64)."""
-    return parse_token_count(text, "length", minimum=64)
+    return parse_token_count(text, "--lengths", minimum=64)
 
 
 def _label(settings: dict, top_k: int | None, params: dict) -> str:
@@ -223,13 +230,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.summarize_only:
             if not results_path.is_file():
                 raise ValueError(f"--summarize-only: no {results_path} to summarize")
+            check_writable_dir(out, "--out")
             print(write_report(read_results(results_path), out, vars(args)))
             return 0
         lengths = [parse_length(t) for t in args.lengths.split(",") if t.strip()]
         if not lengths:
             raise ValueError(f"--lengths must name at least one length, got {args.lengths!r}")
         backends = [parse_backend(b) for b in (args.backend or ["exact"])]
-        depths = [None] if args.depths == "random" else [float(d) for d in args.depths.split(",")]
+        try:
+            depths = [None] if args.depths == "random" else [float(d) for d in args.depths.split(",")]
+        except ValueError:
+            raise ValueError(f"--depths {args.depths!r} must be 'random' or numbers in [0, 1]") from None
         if any(d is not None and not 0 <= d <= 1 for d in depths):
             raise ValueError(f"--depths must lie in [0, 1], got {args.depths!r}")
         if args.seeds < 1:
@@ -239,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         previous = read_results(results_path) if args.resume and results_path.is_file() else []
-        grouping = None if args.grouping is None else tuple(int(x) for x in args.grouping.split(","))
+        try:
+            grouping = None if args.grouping is None else tuple(int(x) for x in args.grouping.split(","))
+        except ValueError:
+            raise ValueError(f"--grouping {args.grouping!r} must be 'heads,queries', e.g. 4,256") from None
         from transformers.utils import logging as hf_logging
 
         from longllama import LongLlamaForCausalLM, embedded_model_path, load_tokenizer
@@ -280,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         for _, cfg in runs:  # every backend setting is checked before the long part starts
             with memory_settings(model, **cfg):
                 check_memory_settings(model.config)
+        check_writable_dir(out, "--out")  # before the runs, not when their results are written
     except (BadArguments, ValueError, TypeError, OSError) as err:
-        print(f"longllama-passkey: error: {err}", file=sys.stderr)
-        return 2
+        return error_exit("longllama-passkey", err)
 
     out.mkdir(parents=True, exist_ok=True)
     results: list[PasskeyResult] = list(previous)

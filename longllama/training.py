@@ -18,7 +18,6 @@ continues a run exactly (model, optimizer, schedule, step, loss log; data is a f
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -33,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from knn_memory.validate import check_float, check_int
 from longllama.cache import LongLlamaCache
+from longllama.cli_args import BadArguments, OneLineParser, check_writable_dir, error_exit
 from longllama.configuration import LongLlamaConfig
 from longllama.crossbatch import CrossBatchPlan, make_plan, parse_mix
 from longllama.modeling import LongLlamaForCausalLM, WindowContext, build_attention_mask
@@ -74,6 +75,39 @@ class TrainConfig:
     save_every: int = 100
     # continue from a trained LongLLaMA directory (its weights and tokenizer) instead of from scratch
     init_from: str | None = None
+
+
+#: fields of ``TrainConfig`` and the smallest value each may take (ints)
+_INT_LOWS = {
+    "vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1,
+    "num_attention_heads": 1, "window": 2, "windows_per_doc": 1, "docs_per_batch": 1, "min_doc_tokens": 1,
+    "tokenizer_docs": 1, "steps": 1, "warmup": 0, "seed": 0, "threads": 1, "save_every": 1,
+}  # fmt: skip
+
+
+def check_train_config(cfg: TrainConfig, flags: bool = False) -> None:
+    """Refuse a run setting no run can use (``threads=0``, ``save_every=0``, a negative ``warmup`` or
+    ``grad_clip``...) before any work; ``flags``: name them as command-line options (``--save-every``).
+
+    Raises:
+        TypeError, ValueError: naming the field, the value and what is expected.
+    """
+
+    def name(field_name: str) -> str:
+        return "--" + field_name.replace("_", "-") if flags else field_name
+
+    for f, low in _INT_LOWS.items():
+        check_int(getattr(cfg, f), name(f), low, 2**31 - 1)
+    check_float(cfg.lr, name("lr"), 0.0, 10.0, low_open=True)
+    check_float(cfg.grad_clip, name("grad_clip"), 0.0, low_open=True)
+    check_float(cfg.weight_decay, name("weight_decay"), 0.0)
+    check_float(cfg.answer_weight, name("answer_weight"), 0.0)
+    if not cfg.mem_layers or not all(
+        isinstance(i, int) and 0 <= i < cfg.num_hidden_layers for i in cfg.mem_layers
+    ):
+        raise ValueError(
+            f"{name('mem_layers')} must name layers in [0, {cfg.num_hidden_layers - 1}], got {cfg.mem_layers}"
+        )
 
 
 def model_config(cfg: TrainConfig) -> LongLlamaConfig:
@@ -266,6 +300,7 @@ def train(
 
     Returns the ``model/`` directory, loadable with ``LongLlamaForCausalLM.from_pretrained``.
     """
+    check_train_config(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -404,7 +439,7 @@ def export_checkpoint(run_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="longllama-train", description="FoT training of a small LongLLaMA.")
+    p = OneLineParser(prog="longllama-train", description="FoT training of a small LongLLaMA.")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model/)")
     p.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
     p.add_argument("--export", action="store_true", help="only write out/model from out/checkpoint.pt")
@@ -419,18 +454,25 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(flag, type=lambda s: [int(x) for x in s.split(",")], default=value)
         else:
             p.add_argument(flag, type=type(value), default=value)
-    args = p.parse_args(argv)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     try:
+        args = p.parse_args(argv)
+        cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
         parse_mix(cfg.mix)
+        if not args.export:
+            check_train_config(cfg, flags=True)
+        if args.stop_after is not None:
+            check_int(args.stop_after, "--stop-after", 1, 2**31 - 1)
+        check_writable_dir(args.out, "--out")
+    except (BadArguments, ValueError, TypeError) as err:
+        return error_exit("longllama-train", err)
+    try:
         model_dir = (
             export_checkpoint(args.out)
             if args.export
             else train(cfg, args.out, resume=args.resume, stop_after=args.stop_after)
         )
     except ValueError as err:
-        print(f"longllama-train: error: {err}", file=sys.stderr)
-        return 2
+        return error_exit("longllama-train", err)
     print(f"model written to {model_dir}")
     return 0
 
