@@ -47,6 +47,13 @@ def _check(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
         raise TypeError(
             f"query, local_keys, local_values must share a dtype, got {query.dtype}, {keys.dtype}, {values.dtype}"
         )
+    # NaN or inf in any of them would turn whole rows of the output into NaN without a word; one
+    # reduction per tensor and a single host sync (this runs once per layer per window)
+    tensors = (("query", query), ("local_keys", keys), ("local_values", values))
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    if not bool(finite.all()):
+        bad = [name for (name, _), ok in zip(tensors, finite.tolist(), strict=True) if not ok]
+        raise ValueError(f"{', '.join(bad)} contains NaN or inf (expected finite values)")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"local_mask must be an additive float torch.Tensor, got {type(mask).__name__}")

@@ -680,6 +680,7 @@ def resolve_cache(past_key_values: object, cache: object, config: LongLlamaConfi
                 f"{given.memory_layers}, but this model has {config.num_hidden_layers} layers with memory layers "
                 f"{sorted(set(config.mem_layers))}"
             )
+        _check_cache_backend(given, config)
         return given
     if isinstance(given, Cache) and given.get_seq_length() == 0:
         return None  # the empty DynamicCache that generate() creates before the first step
@@ -687,6 +688,46 @@ def resolve_cache(past_key_values: object, cache: object, config: LongLlamaConfi
         f"past_key_values must be a LongLlamaCache returned by a previous call of this model, got "
         f"{type(given).__name__}"
     )
+
+
+def _memory_settings_differ(
+    backend: str, index: str | None, dtype: str, config: LongLlamaConfig
+) -> list[str]:
+    """What of (``backend``, ``index``, ``dtype``) differs from the memory ``config`` describes."""
+    differs = []
+    if backend != config.mem_backend:
+        differs.append(f"backend {backend!r} (this model's: {config.mem_backend!r})")
+    elif backend == "faiss" and config.mem_index is not None and index != config.mem_index:
+        differs.append(f"index {index!r} (this model's: {config.mem_index!r})")
+    if dtype != config.mem_dtype:
+        differs.append(f"mem_dtype {dtype!r} (this model's: {config.mem_dtype!r})")
+    return differs
+
+
+def _check_cache_backend(cache: LongLlamaCache, config: LongLlamaConfig) -> None:
+    """Refuse a cache whose memories (or, before they are built, whose config) are not of the memory this
+    model is configured with: its keys were stored, searched and rounded by another backend."""
+    for i, layer in enumerate(cache.layers):
+        mem = layer.memory
+        if mem is None:
+            continue
+        dtype = str(mem.mem_dtype).removeprefix("torch.")
+        differs = _memory_settings_differ(mem.name, getattr(mem, "index", None), dtype, config)
+        if differs:
+            raise ValueError(
+                f"past_key_values holds a memory built with another backend in layer {i}: "
+                f"{'; '.join(differs)}; start a new cache, or load the model with the cache's memory settings"
+            )
+    built = any(layer.memory is not None for layer in cache.layers)
+    if not built and cache.config is not config:
+        c = cache.config
+        index = c.mem_index if c.mem_backend == "faiss" else None
+        differs = _memory_settings_differ(c.mem_backend, index, c.mem_dtype, config)
+        if differs:
+            raise ValueError(
+                f"past_key_values was created for another memory: {'; '.join(differs)}; "
+                "create it with this model's config"
+            )
 
 
 def check_input_ids(input_ids: object, vocab_size: int, device: torch.device) -> None:

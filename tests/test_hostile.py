@@ -533,3 +533,54 @@ def test_fingerprint_sees_every_weight():
     with torch.no_grad():
         layer.weight.view(-1)[1] += 1.0  # in place: the remembered fingerprint must not be reused
     assert weights_fingerprint(layer) != before
+
+
+# ---------------------------------------------------------------------- non-finite attention inputs
+@pytest.mark.parametrize("bad", ["query", "local_keys", "local_values"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_memory_attention_refuses_non_finite_inputs(bad, value):
+    from knn_memory import memory_attention
+
+    g = torch.Generator().manual_seed(0)
+    t = {name: torch.randn(1, 2, 5, 8, generator=g) for name in ("query", "local_keys", "local_values")}
+    memory = create_backend("exact", num_heads=2, head_dim=8)
+    memory.add(torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g))
+    assert torch.isfinite(
+        memory_attention(t["query"], t["local_keys"], t["local_values"], memory=memory)
+    ).all()
+    t[bad][0, 1, 2, 3] = value
+    with pytest.raises(ValueError, match=rf"^{bad} contains NaN or inf"):
+        memory_attention(t["query"], t["local_keys"], t["local_values"], memory=memory)
+
+
+# ---------------------------------------------------------------------- a cache of another backend
+@pytest.mark.parametrize(
+    ("made_by", "used_by", "message"),
+    [
+        ({}, {"mem_backend": "faiss", "mem_index": "Flat", "mem_top_k": 4},
+         r"backend 'exact' \(this model's: 'faiss'\)"),
+        ({"mem_backend": "faiss", "mem_index": "Flat", "mem_top_k": 4}, {},
+         r"backend 'faiss' \(this model's: 'exact'\)"),
+        ({"mem_backend": "faiss", "mem_index": "Flat", "mem_top_k": 4},
+         {"mem_backend": "faiss", "mem_index": "HNSW8", "mem_top_k": 4},
+         r"index 'Flat' \(this model's: 'HNSW8'\)"),
+        ({}, {"mem_dtype": "bfloat16"}, r"mem_dtype 'float32' \(this model's: 'bfloat16'\)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("built", [True, False])
+def test_a_cache_of_another_memory_is_refused(made_by, used_by, message, built):
+    from tests.tiny import tiny_model
+
+    maker, user = tiny_model(**made_by), tiny_model(**used_by)
+    ids = torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if built:
+            cache = maker(ids).past_key_values
+            assert cache.memory(1) is not None
+        else:
+            from longllama import LongLlamaCache
+
+            cache = LongLlamaCache(maker.config)
+        with pytest.raises(ValueError, match=message):
+            user(ids[:, :4], past_key_values=cache)
+        maker(ids[:, :4], past_key_values=cache)  # the model that made it goes on with it
