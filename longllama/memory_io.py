@@ -44,6 +44,7 @@ from torch import nn
 import knn_memory
 from knn_memory.persistence import CACHE_FORMAT, FORMAT_VERSION, read_version, write_version
 from knn_memory.storage import compact
+from knn_memory.validate import check_tensor_fits
 from longllama.cache import LongLlamaCache, create_memory
 from longllama.configuration import LongLlamaConfig
 
@@ -348,6 +349,12 @@ def load_memory(
                     f"path {str(path)!r}: saved local {name} of layer {i} have shape "
                     f"{list(getattr(t, 'shape', []))}, expected [B={B}, H={H}, n={n}, d={d}]"
                 )
+            if not t.is_floating_point():
+                raise ValueError(f"path {str(path)!r}: saved local {name} of layer {i} have dtype {t.dtype}")
+            try:  # NaN, inf, or values the model's dtype cannot hold would poison every later answer
+                check_tensor_fits(t, f"saved local {name} of layer {i}", dtype or t.dtype)
+            except ValueError as err:
+                raise ValueError(f"path {str(path)!r}: {err}") from None
         cache.layers[i].set_local(k.to(device, copy=True), v.to(device, copy=True))
     seen = state["seen_tokens"]
     if not isinstance(seen, int) or seen < 0:

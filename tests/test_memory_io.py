@@ -297,6 +297,14 @@ def _rewrite(path, edit):
         (lambda f: f.pop(memory_file(2)), r"memory-2\.pt does not hold a backend state"),
         (lambda f: f[memory_file(1)]["values"].pop(), r"saved memory has 1 rows of keys and 0 of values, its config says batch_size=1"),
         (lambda f: f["cache.pt"].update(seen_tokens=-1), r"saved token count -1 is not an int >= 0"),
+        (lambda f: f["cache.pt"]["local"][0][0].__setitem__((0, 1, 2, 3), float("nan")),
+         r"saved local keys of layer 0 contains NaN or inf"),
+        (lambda f: f["cache.pt"]["local"][2][1].__setitem__((0, 0, 0, 0), float("-inf")),
+         r"saved local values of layer 2 contains NaN or inf"),
+        (lambda f: f["cache.pt"]["local"].__setitem__(1, tuple(t.double() * 1e300 for t in f["cache.pt"]["local"][1])),
+         r"saved local keys of layer 1 holds a finite value of magnitude .* overflows to inf in float32"),
+        (lambda f: f["cache.pt"]["local"].__setitem__(0, tuple(t.int() for t in f["cache.pt"]["local"][0])),
+         r"saved local keys of layer 0 have dtype torch\.int32"),
     ],
 )  # fmt: skip
 def test_inconsistent_content_is_refused(saved, edit, message):
