@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from backend_cases import backend_cases
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -81,13 +82,7 @@ def test_create_backend(name, num_heads, head_dim, batch_size, mem_dtype, top_k,
 
 
 # ---------------------------------------------------------------------- add / search
-BACKENDS = {
-    "exact": dict(name="exact"),
-    "exact-top3": dict(name="exact", top_k=3),
-    "faiss-flat": dict(name="faiss", index="Flat", top_k=4),
-    "faiss-hnsw": dict(name="faiss", index="HNSW8", top_k=4, efSearch=64),
-    "faiss-ivf": dict(name="faiss", index="IVF2,Flat", top_k=4, nprobe=2),
-}
+BACKENDS = {case.id: case for case in backend_cases()}  # every registered backend
 B, H, D = 2, 2, 4
 
 
@@ -177,10 +172,12 @@ def check_hits(
     )
 )
 def test_add_and_search(backend, calls):
-    kw = dict(BACKENDS[backend])
-    mem = create_backend(kw.pop("name"), num_heads=H, head_dim=D, batch_size=B, mem_dtype="float32", **kw)
+    case = BACKENDS[backend]
+    mem = create_backend(
+        case.name, num_heads=H, head_dim=D, batch_size=B, mem_dtype="float32", **case.options
+    )
     ref_keys = [torch.empty(H, 0, D) for _ in range(B)]  # real entries per row, in insertion order
-    exactly_ranked = backend != "faiss-hnsw"  # IVF2 with nprobe=2 probes every list
+    exactly_ranked = case.exact
     for kind, call in calls:
         if kind == "add":
             shape, dtype, values_dtype, special, mask_kind, seed = call

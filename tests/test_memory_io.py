@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from backend_cases import backend_cases
 
 from indexes import StreamingIndex
 from knn_memory import create_backend, save_backend
@@ -15,24 +16,8 @@ from longllama import LongLlamaCache, LongLlamaForCausalLM
 from longllama.memory_io import load_memory, memory_file, save_memory, weights_fingerprint
 
 CONTEXT = 230  # W=16, L=8: 222 tokens in memory per row, over 14 windows
-BACKENDS = {
-    "exact": {},
-    "exact-topk": {"mem_top_k": 5},
-    "faiss-flat": {"mem_backend": "faiss", "mem_index": "Flat", "mem_top_k": 6},
-    # IVF4 trains at 156 keys per head; nprobe=1 makes every answer depend on the centroids
-    "faiss-ivf": {
-        "mem_backend": "faiss",
-        "mem_index": "IVF4,Flat",
-        "mem_top_k": 6,
-        "mem_index_params": {"nprobe": 1},
-    },
-    "faiss-hnsw": {
-        "mem_backend": "faiss",
-        "mem_index": "HNSW8",
-        "mem_top_k": 6,
-        "mem_index_params": {"efSearch": 8},
-    },
-}
+# every registered backend, as model settings; the IVF4 cases train at 156 keys per head
+BACKENDS = {case.id: case.model_settings() for case in backend_cases()}
 
 
 def build(config, seed: int = 0) -> LongLlamaForCausalLM:
@@ -87,7 +72,8 @@ def test_loaded_memory_answers_like_the_live_one(config, tmp_path, backend):
     out = model(ids(2, CONTEXT, seed=1))
     assert out.cache.memory_lengths() == [0, CONTEXT - 8, CONTEXT - 8]
     model.save_memory(out.cache, tmp_path / "mem")
-    if backend == "faiss-ivf":
+    ivf = BACKENDS[backend].get("mem_index", "").startswith("IVF")
+    if ivf:
         for layer in (1, 2):
             for b in range(2):
                 ix = out.cache.memory(layer).head_index(b, 1)
@@ -107,7 +93,7 @@ def test_loaded_memory_answers_like_the_live_one(config, tmp_path, backend):
         patch.setattr(StreamingIndex, "_build", no_training)
         loaded = model.load_memory(tmp_path / "mem")
     assert_same_cache(out.cache, loaded)
-    if backend == "faiss-ivf":
+    if ivf:
         for (layer, b, h), training in trained.items():
             ix = loaded.memory(layer).head_index(b, h)
             assert ix.uses_index and (ix.trainings, ix.trained_at) == training
