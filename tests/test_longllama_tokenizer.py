@@ -71,7 +71,9 @@ def test_model_runs_on_tokenizer_ids(spm_dir, longllama_config):
     assert out.logits.shape == (*batch.input_ids.shape, len(tokenizer))
     generated = model.generate(**batch, max_new_tokens=5, last_context_length=8)
     assert generated.shape == (2, batch.input_ids.shape[1] + 5)
-    assert isinstance(tokenizer.batch_decode(generated[:, -5:]), list)
+    assert torch.equal(generated[:, : batch.input_ids.shape[1]], batch.input_ids)  # the prompt, then 5 new
+    new = generated[:, -5:]
+    assert tokenizer.batch_decode(new) == [tokenizer.decode(row) for row in new]
 
 
 @pytest.mark.parametrize("source", ["embedded", "spm"])
