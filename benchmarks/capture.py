@@ -1,7 +1,7 @@
 """``knn-memory-capture``: record a LongLLaMA checkpoint's memory-layer keys, values and queries on a text.
 
     python -m benchmarks.capture CHECKPOINT_DIR [--text FILE] [--tokens 32768] [--out capture.pt]
-    python -m benchmarks.capture            # the embedded trained model, when the package ships one
+    python -m benchmarks.capture            # the embedded trained model
 
 The model runs with a recording memory backend (registered as ``"capture"`` for the exact dense
 memory, i.e. upstream LongLLaMA, and as ``"capture:<name>"`` around any other backend, e.g.
@@ -27,7 +27,6 @@ The output (a ``torch.save`` dict, format ``knn-memory-capture/1``) is read by
 
 from __future__ import annotations
 
-import importlib.resources
 import random
 import sys
 import time
@@ -119,20 +118,11 @@ def recording_backend(name: str) -> str:
     return recorded
 
 
-def embedded_checkpoint() -> Path | None:
-    """The trained model shipped inside the ``longllama`` package, if the package has one."""
-    try:
-        from longllama import embedded_model_path
+def embedded_checkpoint() -> Path:
+    """The trained model shipped inside the ``longllama`` package."""
+    from longllama import embedded_model_path
 
-        return Path(embedded_model_path())
-    except (ImportError, FileNotFoundError):
-        pass
-    try:  # a package without the helper: any folder with a config.json under longllama/embedded/
-        root = Path(str(importlib.resources.files("longllama") / "embedded"))
-    except (ModuleNotFoundError, TypeError):
-        return None
-    configs = sorted(root.rglob("config.json")) if root.is_dir() else []
-    return configs[0].parent if configs else None
+    return embedded_model_path()
 
 
 def default_text(n_tokens: int, seed: int = 0, chars_per_token: int = 6) -> tuple[str, str]:
@@ -146,14 +136,14 @@ def default_text(n_tokens: int, seed: int = 0, chars_per_token: int = 6) -> tupl
 
 def ensure_embedded_capture(n_keys: int = 65536, progress: bool = True, make: bool = True) -> Path | None:
     """The capture of the embedded model (``results/captures/embedded.pt``), made on first use (unless
-    ``make`` is False) with enough tokens for ``n_keys`` memory keys per head; None when the package ships
-    no embedded model."""
+    ``make`` is False) with enough tokens for ``n_keys`` memory keys per head; None when it is not made
+    yet and ``make`` is False."""
     out = DEFAULT_DIR / "embedded.pt"
     if out.is_file():
         return out
-    checkpoint = embedded_checkpoint()
-    if checkpoint is None or not make:
+    if not make:
         return None
+    checkpoint = embedded_checkpoint()
     print(f"capturing the embedded model's keys and queries ({n_keys} tokens) -> {out.name}", file=sys.stderr)
     from transformers import AutoConfig
 

@@ -411,8 +411,6 @@ def _findings(
             f"HNSW (inner product) loses recall on the attention-like source as N grows: {r['recall_mean']:.2f} "
             f"at N = {_size(r['n_keys'])}, efSearch {r.get('efSearch')}; IVF holds up far better there."
         )
-    from benchmarks.capture import embedded_checkpoint
-
     measured = points + (side or [])
     captured = [
         r
@@ -428,7 +426,7 @@ def _findings(
             + ", ".join(f"{_index(r)} {_knob(r)} {r['recall_mean']:.2f}".replace("  ", " ") for r in at_n)
             + "."
         )
-    if embedded_checkpoint() is not None and not captured:
+    if not captured:
         out.append(
             "The package ships a trained model now, but its captured keys and queries are not in these tables "
             "yet (only synthetic sources were run here): `python -m benchmarks.capture` records them and the "

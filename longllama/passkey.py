@@ -18,7 +18,7 @@ import contextlib
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import psutil
@@ -290,7 +290,3 @@ def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, center - half), min(1.0, center + half)
-
-
-def result_dicts(results: list[PasskeyResult]) -> list[dict]:
-    return [asdict(r) for r in results]
