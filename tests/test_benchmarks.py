@@ -228,18 +228,6 @@ def test_backend_check_measures_both_figures():
     assert g["scores_within_bound"] and g["allocation_within_bound"]
 
 
-def _model_available() -> bool:
-    try:
-        from longllama import LongLlamaForCausalLM  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_model = pytest.mark.skipif(not _model_available(), reason="longllama has no LongLlamaForCausalLM yet")
-
-
-@needs_model
 def test_capture_tool_on_a_tiny_checkpoint(tmp_path, fast_ceilings):
     from benchmarks import capture, sources
 
@@ -272,7 +260,6 @@ def test_capture_tool_on_a_tiny_checkpoint(tmp_path, fast_ceilings):
     assert row["status"] == "ok" and row["source"] == "captured (tiny)"
 
 
-@needs_model
 def test_end_to_end_on_a_tiny_model(tmp_path):
     from benchmarks import end_to_end
 
