@@ -60,8 +60,9 @@ def plot(summary: list[dict], path: Path) -> None:
         rows = sorted((r for r in summary if r["backend"] == backend), key=lambda r: r["length"])
         xs = [r["length"] * 1.04**i for r in rows]  # a small offset keeps equal curves visible
         ys = [100 * r["accuracy"] for r in rows]
-        lo = [100 * (r["accuracy"] - r["ci95"][0]) for r in rows]
-        hi = [100 * (r["ci95"][1] - r["accuracy"]) for r in rows]
+        # (the interval's ends may sit a rounding error inside the accuracy: error bars are never negative)
+        lo = [max(0.0, 100 * (r["accuracy"] - r["ci95"][0])) for r in rows]
+        hi = [max(0.0, 100 * (r["ci95"][1] - r["accuracy"])) for r in rows]
         marker, line = styles[i % len(styles)]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, linestyle=line, capsize=3, label=backend)
     ax.set_xscale("log", base=2)

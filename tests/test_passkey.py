@@ -212,3 +212,19 @@ def test_results_record_the_answer_probability_and_old_files_still_load(embedded
     old = {k: v for k, v in json.loads(json.dumps(r.__dict__)).items() if k != "answer_prob"}
     (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
     assert read_results(tmp_path / "results.jsonl")[0].answer_prob is None
+
+
+def test_plot_of_runs_all_correct(tmp_path):
+    """A Wilson interval's upper end can sit a rounding error below an accuracy of 1 (6 runs of 6 give
+    0.9999999999999999): the plot must still draw it."""
+    from longllama.passkey import PasskeyResult, summarize
+    from longllama.passkey_cli import plot
+
+    runs = [
+        PasskeyResult("auto", 1 << 20, 1 << 20, s, None, 7, "7", "7", True, 1.0, 1 << 30, 0.99)
+        for s in range(6)
+    ]
+    rows = summarize(runs)
+    assert rows[0]["accuracy"] == 1.0 and rows[0]["ci95"][1] < 1.0
+    plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
