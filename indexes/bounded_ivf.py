@@ -35,7 +35,7 @@ ASSIGN_BLOCK = 65536
 EMPTY = 1e30  # placeholder bound of an empty list (finite: no inf * 0 in the bound's matmul)
 
 
-def _decode_lists(index: faiss.IndexIVF, n: int, dim: int) -> np.ndarray:
+def decode_lists(index: faiss.IndexIVF, n: int, dim: int) -> np.ndarray:
     """Every key of an IVF whose codes are the keys (IVF-Flat, or non-residual fp16/bf16 SQ), [n, d] by id."""
     out = np.empty((n, dim), dtype=np.float32)
     lists = index.invlists
@@ -52,7 +52,7 @@ def _decode_lists(index: faiss.IndexIVF, n: int, dim: int) -> np.ndarray:
     return out
 
 
-def _check_ids(index: faiss.IndexIVF) -> None:
+def check_ids(index: faiss.IndexIVF) -> None:
     """``ValueError`` unless the lists of a loaded IVF hold each id of 0..ntotal-1 exactly once."""
     lists = index.invlists
     parts = [
@@ -151,7 +151,7 @@ class BoundedIVF:
 
     def decode_all(self) -> np.ndarray:
         """Every key, float32 [n, d] in id order (exact: the codes are the keys)."""
-        return _decode_lists(self.index, self.ntotal, self.d)
+        return decode_lists(self.index, self.ntotal, self.d)
 
     # ------------------------------------------------------------------ add and search
     def add(self, x: np.ndarray) -> None:
@@ -284,7 +284,7 @@ class BoundedIVF:
         sizes = torch.tensor([index.invlists.list_size(i) for i in range(index.nlist)], dtype=torch.int64)
         if not torch.equal(sizes, counts):
             raise ValueError("saved list counts do not match the lists of the saved index")
-        _check_ids(index)
+        check_ids(index)
         return cls(index, bounds.clone(), counts.clone())
 
     def clone(self) -> BoundedIVF:

@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 import torch
 
-from indexes.bounded_ivf import BoundedIVF, _check_ids, _decode_lists
+from indexes.bounded_ivf import BoundedIVF, check_ids, decode_lists
 from indexes.chunked import ChunkedTensor
 from indexes.gpu import check_gpu_limits, index_to_gpu, parse_device
 from indexes.growth import AUTO, GrowthPolicy
@@ -109,7 +109,7 @@ def _check_loaded_index(index: faiss.Index, spec: IndexSpec) -> None:
         )
     ivf = _ivf_of(index)
     if ivf is not None:
-        _check_ids(ivf)
+        check_ids(ivf)
     hnsw = _hnsw_of(index)
     if hnsw is not None:
         n = (
@@ -173,7 +173,7 @@ def _decode_all(index: faiss.Index | BoundedIVF, n: int, dim: int) -> np.ndarray
         return index.decode_all()
     base = faiss.downcast_index(index)
     if isinstance(base, faiss.IndexIVF):
-        return _decode_lists(base, n, dim)
+        return decode_lists(base, n, dim)
     return index.reconstruct_n(0, n)
 
 
