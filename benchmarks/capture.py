@@ -39,6 +39,7 @@ import knn_memory
 from benchmarks.sources import CAPTURE_FORMAT
 from knn_memory import ExactBackend, register_backend
 from knn_memory.cli import BadArguments, OneLineParser, check_writable_file, error_exit
+from longllama.cli_args import parse_backend, uses_top_k
 
 CAPTURE_BACKEND = "capture"
 DEFAULT_DIR = Path(__file__).parent / "results" / "captures"
@@ -111,7 +112,7 @@ def recording_backend(name: str) -> str:
     """The registry name of a recording backend around backend ``name`` (registered on first use)."""
     if name == "exact":
         return CAPTURE_BACKEND
-    recorded = f"{CAPTURE_BACKEND}:{name}"
+    recorded = f"{CAPTURE_BACKEND}-{name}"
     if recorded not in knn_memory.available_backends():
         base = knn_memory.backend_class(name)
         register_backend(recorded)(type(f"Capture{base.__name__}", (Recorder, base), {}))
@@ -183,6 +184,7 @@ def capture(
     backend: str = "exact",
     index: str | None = None,
     top_k: int | None = None,
+    index_params: dict | None = None,
 ) -> Path:
     """Run ``checkpoint`` over a text window by window and save its memory layers' keys and queries.
 
@@ -193,7 +195,7 @@ def capture(
         n_tokens: cut the tokenized text to this many tokens (None: all of it).
         max_queries: most recent queries kept per head.
         store_dtype: dtype of the saved tensors (float32, or bfloat16/float16 to halve the file).
-        backend, index, top_k: the memory the model runs with while recording (default: exact dense
+        backend, index, top_k, index_params: the memory the model runs with while recording (default: exact dense
             memory; a top-k backend such as ``"faiss"`` with ``index="auto"`` makes long captures
             affordable, and its queries are then those of a model running with that memory).
 
@@ -209,7 +211,7 @@ def capture(
         torch_dtype=torch.float32,
         mem_backend=recording_backend(backend),
         mem_index=index,
-        mem_index_params=None,
+        mem_index_params=index_params,
         mem_top_k=top_k,
     ).eval()
     config = model.config
@@ -289,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--backend",
         default="exact",
-        help="memory the model runs with while recording: exact (dense, default) or NAME:INDEX, e.g. faiss:auto",
+        help="memory the model runs with while recording: exact (dense, default) or NAME[:SPEC], e.g. faiss:auto",
     )
     p.add_argument(
         "--top-k", type=int, default=32, help="entries per query for a top-k --backend (default 32)"
@@ -305,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--tokens must be >= 2, got {args.tokens}")
         if args.max_queries < 1:
             raise ValueError(f"--max-queries must be >= 1, got {args.max_queries}")
+        fields = parse_backend(args.backend)
         text = name = None
         if args.text:
             text, name = Path(args.text).read_text(encoding="utf-8"), Path(args.text).name
@@ -321,9 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_queries=args.max_queries,
             store_dtype=getattr(torch, args.store_dtype),
             seed=args.seed,
-            backend=args.backend.partition(":")[0],
-            index=args.backend.partition(":")[2] or None,
-            top_k=None if args.backend == "exact" else args.top_k,
+            backend=fields["mem_backend"],
+            index=fields.get("mem_index"),
+            top_k=args.top_k if uses_top_k(fields) else None,
+            index_params=fields.get("mem_index_params"),
         )
     except (BadArguments, ValueError, OSError) as err:
         return error_exit("knn-memory-capture", err)

@@ -34,6 +34,7 @@ from benchmarks.ceilings import machine_info
 from benchmarks.measure import PeakRSS
 from benchmarks.scaling import DEFAULT_OUT, append_rows, parse_size, read_rows
 from knn_memory.cli import BadArguments, OneLineParser, check_writable_dir, error_exit
+from longllama import cli_args
 
 DEFAULT_BACKENDS = "exact;faiss:Flat;faiss:IVF256,Flat:nprobe=32;faiss:HNSW32:efSearch=128"
 TINY = {
@@ -48,19 +49,9 @@ TINY = {
 
 
 def parse_backend(text: str) -> dict:
-    """``exact`` | ``faiss:<spec>[:knob=value...]`` -> from_pretrained/config keywords."""
-    parts = text.strip().split(":")
-    if parts[0] == "exact" and len(parts) == 1:
-        return {"mem_backend": "exact", "mem_index": None, "mem_top_k": None, "mem_index_params": None}
-    if parts[0] != "faiss" or len(parts) < 2 or not parts[1]:
-        raise ValueError(f"--backends {text!r}: use 'exact' or 'faiss:<factory string>[:nprobe=32]'")
-    params = {}
-    for kv in parts[2:]:
-        name, _, value = kv.partition("=")
-        if not value.isdigit():
-            raise ValueError(f"--backends {text!r}: knob {kv!r} must be name=<int>")
-        params[name] = int(value)
-    return {"mem_backend": "faiss", "mem_index": parts[1], "mem_index_params": params or None}
+    """``exact`` | ``faiss:<spec>[:knob=value...]`` (any registered backend) -> from_pretrained keywords."""
+    fields = {"mem_backend": None, "mem_index": None, "mem_top_k": None, "mem_index_params": None}
+    return fields | cli_args.parse_backend(text, "--backends")
 
 
 def tiny_model(seed: int = 0, **overrides):
@@ -76,7 +67,7 @@ def load_model(checkpoint: str | None, settings: dict, top_k: int, seed: int):
     from longllama import LongLlamaForCausalLM
 
     settings = dict(settings)
-    if settings["mem_backend"] == "faiss":
+    if cli_args.uses_top_k(settings):
         settings["mem_top_k"] = top_k
     if checkpoint is None:
         return tiny_model(seed, **settings)
@@ -160,7 +151,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "head_dim": cfg.hidden_size // cfg.num_attention_heads,
             "window": cfg.max_position_embeddings,
             "backend": backend,
-            "top_k": args.top_k if settings["mem_backend"] == "faiss" else None,
+            "top_k": args.top_k if cli_args.uses_top_k(settings) else None,
             "context": n,
             "status": status,
             "threads": torch.get_num_threads(),

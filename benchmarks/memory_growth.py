@@ -38,10 +38,12 @@ import knn_memory
 from longllama.cli_args import (
     BadArguments,
     OneLineParser,
+    backend_knobs,
     check_writable_dir,
     error_exit,
     parse_backend,
     parse_token_count,
+    uses_top_k,
 )
 
 MIB = 1 << 20
@@ -327,15 +329,14 @@ def _specs(args: argparse.Namespace) -> list[dict]:
     specs = []
     for text in args.backend or ["exact", "faiss:Flat"]:
         settings = parse_backend(text)
-        params = {}
-        if settings["mem_backend"] == "faiss":  # each search knob goes to the indexes that have it
-            accepted = knn_memory.search_knobs(settings["mem_index"], head_dim)
-            knobs = (("nprobe", args.nprobe), ("efSearch", args.efSearch))
-            params = {k: v for k, v in knobs if v is not None and k in accepted}
+        # each search knob goes to the indexes that have it
+        params = settings.get("mem_index_params") or {}
+        params |= backend_knobs(settings, head_dim, {"nprobe": args.nprobe, "efSearch": args.efSearch})
         spec = {
+            "mem_index": None,
             **settings,
             "label": text,
-            "mem_top_k": args.top_k if settings["mem_backend"] == "faiss" else None,
+            "mem_top_k": args.top_k if uses_top_k(settings) else None,
             "mem_index_params": params or None,
             "grouping": grouping,
             "mem_dtype": args.mem_dtype,

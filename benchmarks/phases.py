@@ -39,8 +39,8 @@ from benchmarks.ceilings import matmul_gflops, read_bandwidth_gbs
 from benchmarks.measure import PeakRSS
 from indexes.bounded_ivf import BoundedIVF
 from indexes.streaming import StreamingIndex
-from knn_memory import faiss_backend
-from knn_memory.faiss_backend import FaissBackend
+from knn_memory.backends import faiss_index as faiss_backend
+from knn_memory.backends.faiss_index import FaissBackend
 from longllama.cli_args import (
     BadArguments,
     OneLineParser,
@@ -198,7 +198,10 @@ def run(
     flop_rate = matmul_gflops(1024, torch.float32) * 1e9
     bandwidth = read_bandwidth_gbs(512) * 1e9
     settings = parse_backend(backend)
-    params = {"nprobe": nprobe} if nprobe else None
+    params = {
+        **(settings.pop("mem_index_params", None) or {}),
+        **({"nprobe": nprobe} if nprobe else {}),
+    } or None
     path = embedded_model_path()
     tokenizer = load_tokenizer(path)
     model = LongLlamaForCausalLM.from_pretrained(

@@ -7,6 +7,7 @@ Faiss assertion aborts the process instead of raising.
 from indexes.chunked import ChunkedTensor
 from indexes.gpu import MAX_GPU_K, MAX_GPU_NPROBE, faiss_has_gpu, parse_device
 from indexes.growth import AUTO, GrowthPolicy
+from indexes.protocol import KeyIndex, check_key_index, index_class, index_kind, register_index
 from indexes.spec import IndexSpec, parse_spec
 from indexes.streaming import StreamingIndex, check_k
 from indexes.threads import default_threads, faiss_threads, fan_out, fork_safe_context, set_faiss_threads
@@ -18,14 +19,19 @@ __all__ = [
     "ChunkedTensor",
     "GrowthPolicy",
     "IndexSpec",
+    "KeyIndex",
     "StreamingIndex",
     "check_k",
+    "check_key_index",
     "default_threads",
     "faiss_has_gpu",
     "faiss_threads",
     "fan_out",
     "fork_safe_context",
+    "index_class",
+    "index_kind",
     "parse_device",
     "parse_spec",
+    "register_index",
     "set_faiss_threads",
 ]

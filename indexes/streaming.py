@@ -41,6 +41,7 @@ from indexes.bounded_ivf import BoundedIVF, check_ids, decode_lists
 from indexes.chunked import ChunkedTensor
 from indexes.gpu import check_gpu_limits, index_to_gpu, parse_device
 from indexes.growth import AUTO, GrowthPolicy
+from indexes.protocol import register_index
 from indexes.spec import (
     IndexSpec,
     apply_search_params,
@@ -177,6 +178,7 @@ def _decode_all(index: faiss.Index | BoundedIVF, n: int, dim: int) -> np.ndarray
     return index.reconstruct_n(0, n)
 
 
+@register_index("streaming")
 class StreamingIndex:
     """Keys of one (row, head) memory, searchable by inner product.
 

@@ -16,8 +16,8 @@ import indexes  # noqa: F401  isort: skip
 from knn_memory.agreement import AgreementReport, compare_backends, measure_agreement
 from knn_memory.attention import memory_attention
 from knn_memory.backend import MemoryBackend, MemoryCheckpoint, resolve_dtype
-from knn_memory.exact import ExactBackend
-from knn_memory.faiss_backend import FaissBackend, search_knobs
+from knn_memory.backends.exact import ExactBackend
+from knn_memory.backends.faiss_index import FaissBackend, search_knobs
 from knn_memory.hits import MemoryHits
 from knn_memory.persistence import load_backend, save_backend
 from knn_memory.registry import available_backends, backend_class, create_backend, register_backend

@@ -23,7 +23,7 @@ import torch
 
 from knn_memory.attention import memory_attention
 from knn_memory.backend import MemoryBackend
-from knn_memory.exact import ExactBackend
+from knn_memory.backends.exact import ExactBackend
 from knn_memory.registry import create_backend
 
 

@@ -1,6 +1,6 @@
 """``knn-memory-agreement``: measure how a backend agrees with exact dense memory attention.
 
-    knn-memory-agreement --backend faiss --index IVF256,Flat --nprobe 16 --keys 32768 --k 128
+    knn-memory-agreement --backend faiss:IVF256,Flat --nprobe 16 --keys 32768 --k 128
     python -m knn_memory.agreement_cli --source attention --json out.json
 
 Prints recall@k (mean, worst 1%), attention-mass recall and relative output error per head.
@@ -9,7 +9,6 @@ Exit code 2 with one line on stderr for bad arguments.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,25 +16,20 @@ import sys
 import torch
 
 from knn_memory.agreement import measure_agreement
-from knn_memory.cli import check_writable_file
-from knn_memory.registry import available_backends
+from knn_memory.cli import BadArguments, OneLineParser, check_writable_file
+from knn_memory.registry import available_backends, parse_backend_spec
 from knn_memory.synthetic import SOURCES, make_memory
 
 
-class _BadArguments(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one stderr line and exit code 2 from main(), not usage + SystemExit
-        raise _BadArguments(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="knn-memory-agreement", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backend", default="faiss", help=f"backend name, one of {available_backends()}")
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="knn-memory-agreement", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--index", default=None, help="Faiss index_factory string (faiss backend), e.g. IVF256,Flat"
+        "--backend",
+        default="faiss",
+        help=f"NAME[:SPEC][:OPTION=VALUE...], NAME one of {available_backends()}, e.g. faiss:IVF256,Flat",
+    )
+    p.add_argument(
+        "--index", default=None, help="the backend's index, e.g. IVF256,Flat (same as faiss:IVF256,Flat)"
     )
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--efSearch", type=int, default=None)
@@ -76,13 +70,17 @@ def main(argv: list[str] | None = None) -> int:
             n_queries=args.queries,
             seed=args.seed,
         )
-        options = {"top_k": args.k}
-        if args.backend == "faiss":
-            options.update(index=args.index, nprobe=args.nprobe, efSearch=args.efSearch)
-        elif args.index or args.nprobe or args.efSearch:
-            raise ValueError(f"--index/--nprobe/--efSearch apply to the faiss backend, not {args.backend!r}")
-        report = measure_agreement(keys, values, queries, args.backend, mem_dtype=args.mem_dtype, **options)
-    except (_BadArguments, ValueError, TypeError) as err:
+        backend, options = parse_backend_spec(args.backend)
+        if args.index is not None:
+            if "index" in options:
+                raise ValueError(f"--index {args.index!r}: --backend {args.backend!r} names an index already")
+            options["index"] = args.index
+        # the backend refuses a knob it has no use for, naming it
+        options |= {k: getattr(args, k) for k in ("nprobe", "efSearch") if getattr(args, k) is not None}
+        report = measure_agreement(
+            keys, values, queries, backend, mem_dtype=args.mem_dtype, top_k=args.k, **options
+        )
+    except (BadArguments, ValueError, TypeError) as err:
         print(f"knn-memory-agreement: error: {err}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as err:  # sizes too large for this machine

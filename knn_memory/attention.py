@@ -13,6 +13,15 @@ Numerics follow upstream LongLLaMA exactly:
 
 For top-k hits the memory block holds the k retrieved entries of each query instead of all of them;
 that is the only difference between dense and kNN memory attention.
+
+A memory split over processes (``memory.SHARDED``) holds only part of the entries here. The same softmax
+is then computed as mergeable partial states, the way split-K / flash-decoding merges attention over a
+split KV cache: for the local window and for this process's part of the memory, the running max ``m``,
+the sum of exponentials ``l`` and the unnormalised output ``o``. One max over the processes
+(:meth:`~knn_memory.MemoryBackend.merge_max`) of the memory's ``m`` and one sum (``merge_sum``) of its
+``(o, l)``, rescaled to the common max, give the softmax over every entry; the local window, the same on
+every process, is added once after the sum. The scores are the same clamped scores as above; the
+exponentials and sums run in float32.
 """
 
 from __future__ import annotations
@@ -106,6 +115,42 @@ def _joint_scores_in_place(
     return joint
 
 
+def _merged_partials(
+    query: torch.Tensor,
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    memory: MemoryBackend,
+    top_k: int | None,
+    heads: slice,
+    inv_scale: float,
+    floor: float,
+) -> torch.Tensor:
+    """Attention over [local ; memory] as partial states merged over the memory's processes.
+
+    Args:
+        query: [B, h, q, d] the block's queries; scores: [B, h, q, n] its clamped local scores;
+        values: [B, h, n, d] the local values.
+
+    Returns:
+        [B, h, q, d] in ``query.dtype``; equal (float32: to rounding) to the one softmax of the
+        unsharded path over the union of every process's memory entries.
+    """
+    hits = memory.search(query.to(memory.device), k=top_k, heads=heads)
+    mem = torch.clamp_min(hits.scores.to(query.device, query.dtype) / inv_scale, floor).float()
+    local = scores.float()
+    top = local.amax(-1)  # [B, h, q]: the local window is never empty (a query sees itself)
+    mem_max = mem.amax(-1) if mem.shape[-1] else torch.full_like(top, -math.inf)
+    top = torch.maximum(top, memory.merge_max(mem_max.to(memory.device)).to(query.device))
+    p_mem = torch.exp(mem - top.unsqueeze(-1))
+    del mem
+    part = torch.cat([hits.weighted_values(p_mem), p_mem.sum(-1, keepdim=True)], dim=-1)  # [B, h, q, d + 1]
+    part = memory.merge_sum(part.to(memory.device)).to(query.device)
+    p_local = torch.exp(local - top.unsqueeze(-1))
+    out = torch.matmul(p_local, values.float()) + part[..., :-1]
+    total = p_local.sum(-1, keepdim=True) + part[..., -1:]
+    return (out / total).to(query.dtype)
+
+
 def memory_attention(
     query: torch.Tensor,
     local_keys: torch.Tensor,
@@ -166,7 +211,9 @@ def memory_attention(
                 m = local_mask[:, :, qs] if local_mask.shape[1] == 1 else local_mask[:, hs, qs]
                 scores = scores + m
             scores = torch.clamp_min(scores, floor)
-            if use_memory:
+            if use_memory and memory.SHARDED:
+                out = _merged_partials(qg, scores, local_values[:, hs], memory, top_k, hs, inv_scale, floor)
+            elif use_memory:
                 # the memory may live on another device (mem_device): search there, attend here
                 hits = memory.search(qg.to(memory.device), k=top_k, heads=hs)
                 if torch.is_grad_enabled():

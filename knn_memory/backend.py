@@ -157,6 +157,61 @@ class MemoryBackend(abc.ABC):
     def from_state(cls, state: dict, device: str | torch.device | None = None) -> MemoryBackend:
         """Rebuild a backend saved by :meth:`state`."""
 
+    # ------------------------------------------------------------------ what the class declares
+    #: True for a memory split over several processes (``"sharded"``): :func:`~knn_memory.memory_attention`
+    #: then attends to this process's part as a partial softmax state (running max, sum of exponentials,
+    #: weighted values) and merges the parts with :meth:`merge_max` and :meth:`merge_sum`
+    SHARDED: bool = False
+
+    def merge_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise max of ``t`` over the processes holding parts of this memory (here: one, ``t``)."""
+        return t
+
+    def merge_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum of ``t`` over the processes holding parts of this memory (here: one, ``t``)."""
+        return t
+
+    #: :meth:`config` entries that may differ between a saved memory and the model that loads it
+    FREE_OPTIONS: tuple[str, ...] = ("batch_size",)
+
+    @classmethod
+    def spec_grammar(cls) -> str:
+        """How this backend is written on a command line, e.g. ``"faiss[:<index_factory string>]"``."""
+        return cls.name
+
+    @classmethod
+    def parse_spec(cls, spec: str | None, name: str = "--backend") -> dict:
+        """Constructor options from the text after ``name:`` on a command line (None: nothing after the
+        name). This default takes none; ``ValueError`` naming ``name`` otherwise."""
+        if spec is not None:
+            raise ValueError(f"{name} {cls.name}:{spec!r}: the {cls.name!r} backend takes no ':<spec>'")
+        return {}
+
+    @classmethod
+    def format_spec(cls, options: dict) -> str | None:
+        """The command-line spec of ``options`` (the inverse of :meth:`parse_spec`); None: the bare name."""
+        return None
+
+    @classmethod
+    def default_top_k(cls, options: dict) -> int | None:
+        """Entries per query when ``top_k`` is not given (None: dense, every entry)."""
+        return None
+
+    @classmethod
+    def search_knobs(cls, options: dict, head_dim: int) -> tuple[str, ...]:
+        """Search-time knobs (``nprobe``, ``efSearch``, ...) that a backend built with ``options`` takes."""
+        return ()
+
+    def matching_config(self) -> dict:
+        """The part of :meth:`config` that a saved memory and the model loading it must agree on."""
+        return {k: v for k, v in self.config().items() if k not in self.FREE_OPTIONS}
+
+    @classmethod
+    def from_saved(cls, state: dict, path: str, device: str | torch.device | None = None) -> MemoryBackend:
+        """Rebuild a memory that :meth:`save` wrote to ``path`` from the state read there (default:
+        :meth:`from_state`; a backend whose memory spans several directories reads them from ``path``)."""
+        return cls.from_state(state, device=device)
+
     # ------------------------------------------------------------------ shared behaviour
     def __getstate__(self) -> dict:
         """For copy / deepcopy: everything but the lock (a copy gets its own)."""

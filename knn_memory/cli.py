@@ -106,3 +106,23 @@ def check_writable_file(path: str | Path, name: str = "--out") -> Path:
     if p.exists() and not os.access(p, os.W_OK):
         raise ValueError(f"{name} {str(p)!r} exists and is not writable")
     return p
+
+
+def parse_option(text: str, name: str = "--index-option") -> tuple[str, int | float | str]:
+    """``"max_nprobe=8"`` -> ``("max_nprobe", 8)``: NAME=VALUE with an int, a float or (else) a word as
+    the value; ``ValueError`` naming ``name`` otherwise."""
+    key, sep, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key.isidentifier() or not value:
+        raise ValueError(f"{name} {text!r} must be NAME=VALUE, e.g. max_nprobe=8")
+    for kind in (int, float):
+        try:
+            number = kind(value)
+        except ValueError:
+            continue
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"{name} {text!r}: the value must be finite")
+        return key, number
+    if not value.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"{name} {text!r}: the value must be a number or a word")
+    return key, value

@@ -51,6 +51,9 @@ CURRENT = "CURRENT"
 LOCK = ".lock"
 MANIFEST = ".versions.json"
 _VERSION_NAME = re.compile(r"v-[0-9a-f]{12}")
+#: a memory saved in parts (one per process, e.g. ``"sharded"``): ``path/manifest`` is a saved memory that
+#: names the backend and its parts, each part a saved memory of its own beside it
+PARTS_MANIFEST = "manifest"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -328,14 +331,21 @@ def save_backend(backend: MemoryBackend, path: str | os.PathLike) -> Path:
 
 
 def load_backend(path: str | os.PathLike, device: str | torch.device | None = None) -> MemoryBackend:
-    """Load a backend saved by :meth:`MemoryBackend.save`, verifying format, version and checksums."""
-    meta, files = read_version(path, FORMAT)
+    """Load a backend saved by :meth:`MemoryBackend.save`, verifying format, version and checksums.
+
+    A memory saved in parts (``path/manifest``, see :data:`PARTS_MANIFEST`) is read through its manifest:
+    the backend named there loads this process's part (:meth:`MemoryBackend.from_saved`)."""
+    root = Path(path)
+    if not (root / CURRENT).exists() and (root / PARTS_MANIFEST / CURRENT).exists():
+        meta, files = read_version(root / PARTS_MANIFEST, FORMAT)
+    else:
+        meta, files = read_version(path, FORMAT)
     cls = backend_class(meta.get("backend"))
     state = files.get("state.pt")
     if not isinstance(state, dict) or "config" not in state:
         raise ValueError(f"path {str(path)!r}: state.pt does not hold a backend state")
     try:
-        return cls.from_state(state, device=device)
+        return cls.from_saved(state, str(path), device=device)
     except (KeyError, TypeError, IndexError, AttributeError) as err:
         raise ValueError(
             f"path {str(path)!r}: saved state does not match backend {cls.name!r} ({err})"

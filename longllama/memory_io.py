@@ -23,8 +23,9 @@ Loading refuses, with a ``ValueError`` naming what differs:
   ``mem_index_params``, compared after the backend's own defaults are applied, so ``mem_index=None``
   equals ``"Flat"``). The memory is not rebuilt with other settings: a loaded memory answers exactly as
   the saved one did, and an IVF index keeps its training. To use other settings, load the model with the
-  saved ones (``from_pretrained(path, mem_top_k=...)``) or encode the context again. ``workers`` (a
-  thread count) and ``mem_device`` (where the memory is placed on load) may differ.
+  saved ones (``from_pretrained(path, mem_top_k=...)``) or encode the context again. Each backend
+  declares which of its settings must match (:meth:`knn_memory.MemoryBackend.matching_config`): e.g.
+  ``workers`` (a thread count) may differ, and ``mem_device`` (where the memory is placed on load).
 
 Settings that only shape the computation (``mem_attention_grouping``, ``torch_attention``,
 ``last_context_length``) may differ.
@@ -68,8 +69,6 @@ MODEL_FIELDS = (
 )
 # Memory settings, recorded as given; compared through the backend config they resolve to.
 MEMORY_FIELDS = ("mem_backend", "mem_index", "mem_top_k", "mem_index_params")
-# Backend config entries that may differ (thread count, batch size: checked separately).
-_FREE_BACKEND_KEYS = ("batch_size", "workers", "chunk_size")
 _BACKEND_KEY_FIELDS = {"top_k": "mem_top_k", "index": "mem_index", "mem_dtype": "mem_dtype"}
 
 
@@ -165,6 +164,12 @@ def save_memory(
         OSError: the write failed (nothing half-written is left).
     """
     cache = _check_cache(cache, config)
+    for i in cache.memory_layers:
+        if getattr(cache.memory(i), "SHARDED", False):
+            raise ValueError(
+                f"layer {i} holds a sharded memory ({cache.memory(i).name!r}), which spans processes: save_memory "
+                f"writes one process's cache; save each memory layer on every rank with cache.memory(i).save(path)"
+            )
     local = []
     for layer in cache.layers:
         if layer.keys is None:
@@ -227,10 +232,11 @@ def _check_backend_settings(
             f"mem_backend={want.name!r}; load the model with the saved memory settings "
             f"({_describe(saved_fields)}) or encode the context again"
         )
-    ours, theirs = want.config(), backend.config()
+    # each backend says which of its settings a saved memory must share (MemoryBackend.matching_config)
+    ours, theirs = want.matching_config(), backend.matching_config()
     wrong = []
     for key in sorted(set(ours) | set(theirs)):
-        if key in _FREE_BACKEND_KEYS or ours.get(key) == theirs.get(key):
+        if ours.get(key) == theirs.get(key):
             continue
         field = _BACKEND_KEY_FIELDS.get(key, f"mem_index_params[{key!r}]")
         wrong.append(f"{field}: saved {theirs.get(key)!r}, this model {ours.get(key)!r}")

@@ -697,7 +697,7 @@ def _memory_settings_differ(
     differs = []
     if backend != config.mem_backend:
         differs.append(f"backend {backend!r} (this model's: {config.mem_backend!r})")
-    elif backend == "faiss" and config.mem_index is not None and index != config.mem_index:
+    elif config.mem_index is not None and index is not None and index != config.mem_index:
         differs.append(f"index {index!r} (this model's: {config.mem_index!r})")
     if dtype != config.mem_dtype:
         differs.append(f"mem_dtype {dtype!r} (this model's: {config.mem_dtype!r})")
@@ -721,8 +721,7 @@ def _check_cache_backend(cache: LongLlamaCache, config: LongLlamaConfig) -> None
     built = any(layer.memory is not None for layer in cache.layers)
     if not built and cache.config is not config:
         c = cache.config
-        index = c.mem_index if c.mem_backend == "faiss" else None
-        differs = _memory_settings_differ(c.mem_backend, index, c.mem_dtype, config)
+        differs = _memory_settings_differ(c.mem_backend, c.mem_index, c.mem_dtype, config)
         if differs:
             raise ValueError(
                 f"past_key_values was created for another memory: {'; '.join(differs)}; "

@@ -3,8 +3,9 @@
     longllama-passkey --lengths 1k,4k,16k,64k --seeds 20 --backend exact --backend faiss:Flat --top-k 64
     longllama-passkey --model path/to/long_llama_3b_v1_1 --lengths 8k --last-context-length 1024
 
-Defaults to the embedded model. ``--backend`` is ``exact`` or ``faiss:<Faiss index_factory string>``
-(repeatable). Writes ``results.jsonl`` (one line per run; ``--resume`` skips runs already there),
+Defaults to the embedded model. ``--backend`` is any registered backend as ``name[:spec][:option=value]``:
+``exact``, ``faiss:<Faiss index_factory string>``, ``faiss:auto``, ``sharded:faiss:auto`` (under
+``torchrun``) (repeatable). Writes ``results.jsonl`` (one line per run; ``--resume`` skips runs already there),
 ``summary.json`` and ``passkey.png`` (plus ``passkey_depth.png`` for fixed ``--depths``) into ``--out``
 and prints the table; ``--summarize-only`` rebuilds those from ``results.jsonl`` alone (e.g. after
 merging the files of several runs). Bad arguments exit with code 2 and one line on stderr.
@@ -22,12 +23,15 @@ import torch
 from tqdm import tqdm
 
 import knn_memory
+from knn_memory.process_group import ShardGroupError, process_rank
 from longllama.cli_args import (
     BadArguments,
     OneLineParser,
+    backend_fields,
     check_writable_dir,
     error_exit,
-    parse_backend,
+    parse_backend_spec,
+    parse_option,
     parse_token_count,
 )
 from longllama.passkey import PasskeyResult, make_prompt, memory_settings, run_passkey, summarize
@@ -40,11 +44,17 @@ def parse_length(text: str) -> int:
     return parse_token_count(text, "--lengths", minimum=64)
 
 
-def _label(settings: dict, top_k: int | None, params: dict) -> str:
-    if settings["mem_backend"] == "exact":
-        return "exact (dense)"
-    extra = ",".join(f"{k}={v}" for k, v in params.items())
-    return f"faiss:{settings['mem_index']}/top{top_k or 128}" + (f"/{extra}" if extra else "")
+def _label(backend: str, options: dict, top_k: int | None, knobs: dict) -> str:
+    """``"exact (dense)"``, ``"faiss:auto/top32/max_nprobe=8"``: the backend as one results label."""
+    cls = knn_memory.backend_class(backend)
+    if top_k is None:
+        return f"{backend} (dense)"
+    spec = cls.format_spec(options)
+    in_spec = set(cls.parse_spec(spec)) if spec is not None else set()
+    extras = {k: v for k, v in options.items() if k not in in_spec} | knobs
+    extra = ",".join(f"{k}={v}" for k, v in extras.items())
+    name = backend if spec is None else f"{backend}:{spec}"
+    return f"{name}/top{top_k}" + (f"/{extra}" if extra else "")
 
 
 def plot(summary: list[dict], path: Path) -> None:
@@ -168,19 +178,7 @@ def write_report(results: list[PasskeyResult], out: Path, args: dict) -> str:
 
 def _index_options(texts: list[str]) -> dict:
     """``["max_nprobe=8", "lists_per_sqrt=1.5"]`` -> ``{"max_nprobe": 8, "lists_per_sqrt": 1.5}``."""
-    options: dict = {}
-    for text in texts:
-        name, sep, value = text.partition("=")
-        if not sep or not name.strip().isidentifier():
-            raise ValueError(f"--index-option {text!r} must be NAME=VALUE, e.g. max_nprobe=8")
-        try:
-            options[name.strip()] = int(value)
-        except ValueError:
-            try:
-                options[name.strip()] = float(value)
-            except ValueError:
-                raise ValueError(f"--index-option {text!r}: the value must be a number") from None
-    return options
+    return dict(parse_option(text, "--index-option") for text in texts)
 
 
 def _parser() -> OneLineParser:
@@ -193,7 +191,12 @@ def _parser() -> OneLineParser:
     p.add_argument("--seeds", type=int, default=5, help="seeds per length and depth (0..N-1)")
     p.add_argument("--seed-offset", type=int, default=0)
     p.add_argument("--depths", default="random", help="needle depths in [0,1], comma-separated, or 'random'")
-    p.add_argument("--backend", action="append", default=None, help="exact | faiss:<index> (repeatable)")
+    p.add_argument(
+        "--backend",
+        action="append",
+        default=None,
+        help="NAME[:SPEC][:OPTION=VALUE...], e.g. exact, faiss:auto, sharded:faiss:auto (repeatable)",
+    )
     p.add_argument("--top-k", type=int, default=None, help="memory entries per query (faiss default 128)")
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--efSearch", type=int, default=None)
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths = [parse_length(t) for t in args.lengths.split(",") if t.strip()]
         if not lengths:
             raise ValueError(f"--lengths must name at least one length, got {args.lengths!r}")
-        backends = [parse_backend(b) for b in (args.backend or ["exact"])]
+        backends = [parse_backend_spec(b) for b in (args.backend or ["exact"])]
         try:
             depths = [None] if args.depths == "random" else [float(d) for d in args.depths.split(",")]
         except ValueError:
@@ -282,16 +285,24 @@ def main(argv: list[str] | None = None) -> int:
         options = _index_options(args.index_option or [])
         runs = []
         head_dim = model.config.hidden_size // model.config.num_attention_heads
-        for settings in backends:
-            # --top-k and the search knobs apply to Faiss backends (each knob to the indexes that have it);
-            # the exact backend stays dense (upstream's memory)
-            cfg = dict(settings, mem_top_k=args.top_k if settings["mem_backend"] == "faiss" else None)
+        for backend, backend_options in backends:
+            # --top-k and the search knobs apply to top-k backends (each knob to the indexes that have
+            # it); a dense backend (exact) stays dense, as upstream's memory
+            cls = knn_memory.backend_class(backend)
+            default_k = cls.default_top_k(backend_options)
+            top_k = None if default_k is None else (args.top_k or default_k)
             knobs: dict = {}
-            if settings["mem_backend"] == "faiss":
-                accepted = knn_memory.search_knobs(settings["mem_index"], head_dim)
+            if default_k is not None:
+                accepted = cls.search_knobs(backend_options, head_dim)
                 knobs = {k: v for k, v in params.items() if k in accepted} | options
-                cfg["mem_index_params"] = knobs or None
-            runs.append((_label(settings, args.top_k, knobs), cfg))
+            elif options:
+                raise ValueError(
+                    f"--index-option {sorted(options)}: backend {backend!r} is dense and takes none"
+                )
+            cfg = dict(backend_fields(backend, {**backend_options, **knobs}), mem_top_k=top_k)
+            cfg.setdefault("mem_index", None)
+            cfg.setdefault("mem_index_params", None)
+            runs.append((_label(backend, backend_options, top_k, knobs), cfg))
         for _, cfg in runs:  # every backend setting is checked before the long part starts
             with memory_settings(model, **cfg):
                 check_memory_settings(model.config)
@@ -311,9 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         if (label, n, seed, depth) not in done
     ]
     prompts: dict[tuple, object] = {}
-    bar = tqdm(jobs, disable=args.no_progress, desc="passkey")
+    # under torchrun (a sharded memory) every rank runs the same prompts; rank 0 alone reports and writes
+    main_rank = process_rank() == 0
+    bar = tqdm(jobs, disable=args.no_progress or not main_rank, desc="passkey")
     start = time.perf_counter()
-    with open(results_path, "a") as log:
+    log = open(results_path, "a") if main_rank else None
+    try:
         for label, cfg, n, seed, depth in bar:
             key = (n, seed, depth)
             if key not in prompts:
@@ -326,12 +340,20 @@ def main(argv: list[str] | None = None) -> int:
                     prompts[key],
                     last_context_length=args.last_context_length,
                     label=label,
-                    progress=not args.no_progress and n >= INNER_PROGRESS_FROM,
+                    progress=main_rank and not args.no_progress and n >= INNER_PROGRESS_FROM,
                 )
             results.append(r)
-            log.write(json.dumps(asdict(r)) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(asdict(r)) + "\n")
+                log.flush()
             bar.set_postfix(backend=label[:20], n=n, ok=r.correct)
+    except ShardGroupError as err:  # another rank died or hung: one line, not a traceback per rank
+        return error_exit("longllama-passkey", err)
+    finally:
+        if log is not None:
+            log.close()
+    if not main_rank:
+        return 0
     print(write_report(results, out, vars(args)))
     print(f"{len(jobs)} runs in {time.perf_counter() - start:.1f} s; results in {out}/")
     return 0

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import indexes.chunked as chunked
 import knn_memory
-import knn_memory.faiss_backend as faiss_backend
+import knn_memory.backends.faiss_index as faiss_backend
 from knn_memory import ExactBackend, create_backend, memory_attention
 
 MEM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -274,5 +274,6 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
         assert r["status"] == "ok" and r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0
         assert r["memory_entries"] > 0 and r["peak_rss_mib"] > 0
     assert end_to_end.parse_backend("faiss:IVF256,Flat:nprobe=32")["mem_index_params"] == {"nprobe": 32}
-    with pytest.raises(ValueError):
-        end_to_end.parse_backend("faiss")
+    assert end_to_end.parse_backend("faiss")["mem_backend"] == "faiss"  # Flat, the backend's default
+    with pytest.raises(ValueError, match="--backends 'dense'"):
+        end_to_end.parse_backend("dense")

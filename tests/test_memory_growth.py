@@ -161,7 +161,7 @@ def test_memory_growth_script(tmp_path, capsys):
     ("argv", "needle"),
     [
         (["--tokens", "lots"], "--tokens 'lots' is not a token count"),
-        (["--backend", "annoy"], "--backend 'annoy' must be 'exact' or 'faiss:<index_factory string>'"),
+        (["--backend", "annoy"], "--backend 'annoy': unknown memory backend 'annoy'"),
         (["--backend", "faiss:Bogus"], "index 'Bogus' is not a usable Faiss index_factory string"),
         (["--chunk", "0"], "--chunk must be >= 1, got 0"),
         (["--hidden", "30", "--heads", "4"], "--hidden (30) must be a multiple of --heads (4)"),

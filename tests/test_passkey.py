@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from longllama import LongLlamaForCausalLM, embedded_model_path, load_tokenizer
+from longllama.cli_args import parse_backend
 from longllama.passkey import NEEDLE, QUESTION, make_prompt, prompt_text, run_passkey
-from longllama.passkey_cli import main, parse_backend, parse_length
+from longllama.passkey_cli import main, parse_length
 from longllama.training_data import EVAL_FILLER, TASK
 
 
@@ -162,8 +163,18 @@ def test_parsers():
     assert parse_length("10m") == 10 << 20 and parse_length("10M") == 10 << 20
     assert parse_backend("faiss:auto") == {"mem_backend": "faiss", "mem_index": "auto"}
     assert parse_backend("faiss:IVF64,Flat") == {"mem_backend": "faiss", "mem_index": "IVF64,Flat"}
-    with pytest.raises(ValueError, match=r"must be .exact."):
+    assert parse_backend("faiss:auto:max_nprobe=8") == {
+        "mem_backend": "faiss",
+        "mem_index": "auto",
+        "mem_index_params": {"max_nprobe": 8},
+    }
+    assert parse_backend("exact") == {"mem_backend": "exact"}
+    with pytest.raises(ValueError, match=r"'exact' backend takes no ':<spec>'"):
         parse_backend("exact:Flat")
+    with pytest.raises(ValueError, match=r"unknown memory backend 'dense'"):
+        parse_backend("dense")
+    with pytest.raises(ValueError, match=r"nothing after ':'"):
+        parse_backend("faiss:")
 
 
 def test_run_progress_counts_every_token_read(embedded, monkeypatch):

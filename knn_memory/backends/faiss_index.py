@@ -15,7 +15,18 @@ from collections.abc import Sequence
 
 import torch
 
-from indexes import AUTO, GrowthPolicy, StreamingIndex, fan_out, parse_device, parse_spec
+from indexes import (
+    AUTO,
+    GrowthPolicy,
+    KeyIndex,
+    StreamingIndex,
+    check_key_index,
+    fan_out,
+    index_class,
+    index_kind,
+    parse_device,
+    parse_spec,
+)
 from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
@@ -34,7 +45,9 @@ class FaissBackend(MemoryBackend):
 
     Args (beyond :class:`MemoryBackend`'s):
         index: Faiss ``index_factory`` string, inner product (default ``"Flat"``: exact top-k), or
-            ``"auto"``: exact while small, then an IVF whose list count grows with the memory.
+            ``"auto"``: exact while small, then an IVF whose list count grows with the memory, or an
+            empty index object satisfying :class:`indexes.KeyIndex`, which every (row, head) clones
+            (the string options below then do not apply).
         nprobe, efSearch: search-time knobs where the index has them.
         min_train_points, retrain_factor, train_sample: the streaming training policy
             (see :mod:`indexes.streaming`).
@@ -57,7 +70,7 @@ class FaissBackend(MemoryBackend):
         mem_dtype: str | torch.dtype = "bfloat16",
         device: str | torch.device = "cpu",
         top_k: int | None = None,
-        index: str | None = None,
+        index: str | KeyIndex | None = None,
         nprobe: int | None = None,
         efSearch: int | None = None,
         min_train_points: int | None = None,
@@ -77,12 +90,37 @@ class FaissBackend(MemoryBackend):
             top_k=DEFAULT_TOP_K if top_k is None else top_k,
         )
         index = "Flat" if index is None else index
+        self._template: KeyIndex | None = None
+        if not isinstance(index, str):
+            self._template = check_key_index(index, "index")
+            if self._template.dim != self.head_dim:
+                raise ValueError(
+                    f"index holds keys of dim {self._template.dim}, but head_dim={self.head_dim}"
+                )
+            given = {
+                "nprobe": nprobe,
+                "efSearch": efSearch,
+                "min_train_points": min_train_points,
+                "train_sample": train_sample,
+                **policy_options,
+            }
+            given = {k: v for k, v in given.items() if v is not None}
+            if retrain_factor != 4.0:
+                given["retrain_factor"] = retrain_factor
+            if given:
+                raise ValueError(
+                    f"{sorted(given)} configure an index string, not an index object ({index!r})"
+                )
+            index = None
         unknown = sorted(set(policy_options) - set(POLICY_OPTIONS))
         if unknown:
             raise TypeError(f"unexpected keyword argument(s) {unknown} for the 'faiss' backend")
         if policy_options and index != AUTO:
             raise ValueError(f"{sorted(policy_options)} configure index='auto' only, but index={index!r}")
-        if index == AUTO:
+        if index is None:
+            self.policy = None
+            self.index_spec = None
+        elif index == AUTO:
             for name, given in (("min_train_points", min_train_points), ("train_sample", train_sample)):
                 if given is not None:
                     raise ValueError(f"{name}={given!r} does not apply to index='auto' (its policy decides)")
@@ -111,7 +149,37 @@ class FaissBackend(MemoryBackend):
         self._rows: list[list[StreamingIndex]] = [self._new_row() for _ in range(self.batch_size)]
         self._values: list[ChunkedTensor] = [self._new_values() for _ in range(self.batch_size)]
 
-    def _new_index(self) -> StreamingIndex:
+    # ------------------------------------------------------------------ what the class declares
+    FREE_OPTIONS = ("batch_size", "workers")
+
+    @classmethod
+    def spec_grammar(cls) -> str:
+        return "faiss[:<Faiss index_factory string> | :auto]"
+
+    @classmethod
+    def parse_spec(cls, spec: str | None, name: str = "--backend") -> dict:
+        """``"IVF1024,Flat"`` / ``"auto"`` -> ``{"index": ...}`` (nothing: ``"Flat"``)."""
+        return {} if spec is None else {"index": spec.strip()}
+
+    @classmethod
+    def format_spec(cls, options: dict) -> str | None:
+        index = options.get("index")
+        return index if isinstance(index, str) else "Flat" if index is None else None
+
+    @classmethod
+    def default_top_k(cls, options: dict) -> int | None:
+        return DEFAULT_TOP_K
+
+    @classmethod
+    def search_knobs(cls, options: dict, head_dim: int) -> tuple[str, ...]:
+        index = options.get("index")
+        if index is None or isinstance(index, str):
+            return search_knobs(index or "Flat", head_dim)
+        return ()
+
+    def _new_index(self) -> KeyIndex:
+        if self._template is not None:
+            return self._template.clone()
         if self.policy is not None:
             options = {k: v for k, v in self.index_options.items() if k in ("nprobe", "efSearch", "seed")}
             return StreamingIndex(
@@ -142,13 +210,15 @@ class FaissBackend(MemoryBackend):
 
     @property
     def index(self) -> str:
-        """The Faiss factory string, or ``"auto"``."""
+        """The Faiss factory string, ``"auto"``, or ``"<kind>"`` for an index object of a registered kind."""
+        if self._template is not None:
+            return f"<{getattr(type(self._template), 'index_kind', type(self._template).__name__)}>"
         return AUTO if self.policy is not None else self.index_spec.spec
 
     def _workers(self) -> int:
         return self.workers or torch.get_num_threads()
 
-    def head_index(self, row: int, head: int) -> StreamingIndex:
+    def head_index(self, row: int, head: int) -> KeyIndex:
         """The index of one (row, head): for inspection and benchmarks."""
         return self._rows[row][head]
 
@@ -160,6 +230,14 @@ class FaissBackend(MemoryBackend):
         changes.
         """
         knobs = {"nprobe": nprobe, "efSearch": efSearch}
+        if self._template is not None:
+            if not hasattr(self._template, "set_search_params"):
+                raise ValueError(f"index {self.index} has no search knobs (no set_search_params)")
+            self._template.set_search_params(**knobs)  # the index object checks its own knobs
+            for row in self._rows:
+                for ix in row:
+                    ix.set_search_params(**knobs)
+            return
         options = {**self.index_options, **{k: v for k, v in knobs.items() if v is not None}}
         saved, self.index_options = self.index_options, options
         try:
@@ -242,7 +320,7 @@ class FaissBackend(MemoryBackend):
         lengths = self._check_lengths(lengths).tolist()
         for b, n in enumerate(lengths):
             for ix in self._rows[b]:
-                if n < ix.ntotal and not ix.can_truncate:
+                if n < ix.ntotal and not _can_truncate(ix):
                     raise ValueError(
                         f"index {self.index!r} on {self.device} cannot remove keys, so this memory cannot be "
                         f"truncated (row {b}: {ix.ntotal} -> {n} entries); use checkpoint()/rollback(), "
@@ -263,7 +341,7 @@ class FaissBackend(MemoryBackend):
         index costs. The row lists are recorded too, so a rollback also undoes a reorder (beam search).
         """
         rows = tuple(
-            tuple((ix, ix.mark()) if ix.can_truncate else (None, ix.clone()) for ix in row)
+            tuple((ix, ix.mark()) if _can_truncate(ix) else (None, ix.clone()) for ix in row)
             for row in self._rows
         )
         values = tuple((v, v.mark()) for v in self._values)
@@ -281,7 +359,7 @@ class FaissBackend(MemoryBackend):
             for ix, saved in row:
                 if ix is None:  # an index that cannot remove keys: a fresh copy of the saved clone
                     ix = saved.clone()
-                    if knobs:
+                    if knobs and self._template is None:
                         ix.set_search_params(**knobs)
                 else:
                     ix.rollback(saved)
@@ -306,7 +384,9 @@ class FaissBackend(MemoryBackend):
     def config(self) -> dict:
         pinned = None if self.value_device == self.device else str(self.value_device)
         options = dict(self.index_options)
-        if self.policy is not None:
+        if self._template is not None:
+            options = {"seed": options["seed"]}
+        elif self.policy is not None:
             options = {k: v for k, v in options.items() if k in ("nprobe", "efSearch", "seed")}
             options.update({k: v for k, v in self.policy.to_dict().items() if k != "nprobe"})
         return {
@@ -318,15 +398,24 @@ class FaissBackend(MemoryBackend):
         }
 
     def state(self) -> dict:
-        return {
+        state = {
             "config": self.config(),
             "rows": [[ix.state() for ix in row] for row in self._rows],
             "values": [compact(v.full().cpu()) for v in self._values],
         }
+        if self._template is not None:
+            state["index_kind"] = index_kind(self._template)
+            state["template"] = self._template.state()
+        return state
 
     @classmethod
     def from_state(cls, state: dict, device: str | torch.device | None = None) -> FaissBackend:
-        new = cls(**state["config"], device=device or "cpu")
+        config = dict(state["config"])
+        index_cls = StreamingIndex
+        if "template" in state:
+            index_cls = index_class(state["index_kind"])
+            config["index"] = index_cls.from_state(state["template"], device=device or "cpu")
+        new = cls(**config, device=device or "cpu")
         rows, values = state["rows"], state["values"]
         if len(rows) != new.batch_size or len(values) != new.batch_size:
             raise ValueError(
@@ -336,7 +425,7 @@ class FaissBackend(MemoryBackend):
         for b in range(new.batch_size):
             if len(rows[b]) != new.num_heads:
                 raise ValueError(f"saved row {b} has {len(rows[b])} heads, expected {new.num_heads}")
-            new._rows[b] = [StreamingIndex.from_state(s, device=new.device) for s in rows[b]]
+            new._rows[b] = [index_cls.from_state(s, device=new.device) for s in rows[b]]
             n = new._rows[b][0].ntotal
             if any(ix.ntotal != n for ix in new._rows[b]):
                 raise ValueError(f"saved row {b}: heads hold different numbers of keys")
@@ -350,6 +439,10 @@ class FaissBackend(MemoryBackend):
                 )
             new._values[b].append(v.to(new.value_device, new.mem_dtype))
         return new
+
+
+def _can_truncate(index: KeyIndex) -> bool:
+    return bool(getattr(index, "can_truncate", False))
 
 
 def search_knobs(index: str, head_dim: int) -> tuple[str, ...]:

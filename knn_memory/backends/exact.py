@@ -30,6 +30,8 @@ class ExactBackend(MemoryBackend):
     after its ``-1e6`` clamp and the softmax.
     """
 
+    FREE_OPTIONS = ("batch_size", "chunk_size")
+
     def __init__(
         self,
         *,
