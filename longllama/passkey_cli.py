@@ -47,13 +47,13 @@ def parse_length(text: str) -> int:
 def _label(backend: str, options: dict, top_k: int | None, knobs: dict) -> str:
     """``"exact (dense)"``, ``"faiss:auto/top32/max_nprobe=8"``: the backend as one results label."""
     cls = knn_memory.backend_class(backend)
-    if top_k is None:
-        return f"{backend} (dense)"
     spec = cls.format_spec(options)
+    name = backend if spec is None else f"{backend}:{spec}"
+    if top_k is None:
+        return f"{name} (dense)"
     in_spec = set(cls.parse_spec(spec)) if spec is not None else set()
     extras = {k: v for k, v in options.items() if k not in in_spec} | knobs
     extra = ",".join(f"{k}={v}" for k, v in extras.items())
-    name = backend if spec is None else f"{backend}:{spec}"
     return f"{name}/top{top_k}" + (f"/{extra}" if extra else "")
 
 

@@ -277,3 +277,24 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     assert end_to_end.parse_backend("faiss")["mem_backend"] == "faiss"  # Flat, the backend's default
     with pytest.raises(ValueError, match="--backends 'dense'"):
         end_to_end.parse_backend("dense")
+
+
+def test_sharded_benchmark_one_against_two_ranks(tmp_path):
+    """knn-memory-sharded: the same answer on 1 and 2 ranks, the memory split between the ranks, and the bytes
+    sent per (query, head) equal to the formula."""
+    from benchmarks import sharded
+
+    argv = ["--length", "512", "--ranks", "1,2", "--queries", "16", "--repeats", "1", "--out", str(tmp_path)]
+    assert sharded.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    one, two = rows
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["correct"] and two["correct"]  # union top-k over 2 ranks attends to more entries than 1 rank
+    assert len(two["bytes_per_rank"]) == 2 and all(b > 0 for b in two["bytes_per_rank"])
+    assert (
+        two["sent_bytes_per_query_head"]
+        == two["formula_bytes_per_query_head"]
+        == 4 + 4 * (two["head_dim"] + 1)
+    )
+    assert one["sent_bytes_prefill"] == 0 and two["sent_bytes_prefill"] > 0
+    assert sharded.main(["--backend", "faiss:auto", "--out", str(tmp_path)]) == 2

@@ -6,6 +6,7 @@ same inputs.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -255,3 +256,53 @@ def test_save_memory_of_a_model_refuses_a_sharded_memory(tmp_path):
         out = model(torch.randint(0, 64, (1, 40)))
     with pytest.raises(ValueError, match=r"layer 1 holds a sharded memory .* cache.memory\(i\).save\(path\)"):
         model.save_memory(out.cache, tmp_path / "m")
+
+
+def test_passkey_cli_under_torchrun_answers_as_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m longllama.passkey_cli --backend sharded:...``: one table (rank 0),
+    one results file, and the answers and p(ans) of the same index in one process."""
+    common = ["--lengths", "1k", "--seeds", "1", "--top-k", "8", "--threads", "1", "--no-progress"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "longllama.passkey_cli",
+    ]
+    two = subprocess.run(
+        [*cmd, *common, "--backend", "sharded:faiss:Flat:mode=global", "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("sharded:faiss:Flat/top8/mode=global") == 1  # the table, printed once
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "longllama.passkey_cli",
+            *common,
+            "--backend",
+            "faiss:Flat",
+            "--out",
+            str(tmp_path / "one"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows = {}
+    for name in ("one", "two"):
+        lines = (tmp_path / name / "results.jsonl").read_text().splitlines()
+        assert len(lines) == 1  # rank 1 wrote nothing
+        rows[name] = json.loads(lines[0])
+    assert rows["two"]["output"] == rows["one"]["output"] and rows["two"]["correct"]
+    assert abs(rows["two"]["answer_prob"] - rows["one"]["answer_prob"]) < 1e-5
