@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from indexes.validate import INT64_MAX, check_int
+
 FIRST_CHUNK = 2048
 
 
@@ -43,8 +45,7 @@ class ChunkedTensor:
         chunk: int,
         first: int | None = None,
     ) -> None:
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+        check_int(chunk, "chunk", 1, INT64_MAX)
         self.lead = tuple(lead)
         self.dim = dim
         self.dtype = dtype
@@ -155,10 +156,7 @@ class ChunkedTensor:
         Chunks that still hold entries are kept as they are (no copy; later appends write into the
         kept tail of the last one), chunks left empty are dropped.
         """
-        if not isinstance(n, int) or isinstance(n, bool):
-            raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
-        if not 0 <= n <= self._length:
-            raise ValueError(f"n must be in [0, {self._length}] (the entries stored), got {n}")
+        check_int(n, "n (the entries to keep)", 0, self._length)
         kept, start = 0, 0
         for i, fill in enumerate(self.fills):
             if start >= n:

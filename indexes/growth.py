@@ -40,23 +40,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from indexes.validate import INT32_MAX, MAX_COUNT, check_float, check_int
+
 AUTO = "auto"
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int in [{low}, {high}], got {type(value).__name__} {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value}")
-    return value
-
-
-def _check_number(name: str, value: object, low: float, high: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a number in ({low}, {high}], got {type(value).__name__} {value!r}")
-    if not low < value <= high:
-        raise ValueError(f"{name} must be a number in ({low}, {high}], got {value}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -75,16 +61,16 @@ class GrowthPolicy:
     max_lists: int = 65536
 
     def __post_init__(self) -> None:
-        _check_int("exact_until", self.exact_until, 1, 2**40)
-        _check_number("lists_per_sqrt", self.lists_per_sqrt, 0.0, 1024.0)
-        _check_number("regrow_factor", self.regrow_factor, 1.0, 1024.0)
-        _check_int("nprobe", self.nprobe, 1, 65536)
-        _check_int("max_nprobe", self.max_nprobe, 1, 65536)
-        _check_int("train_per_list", self.train_per_list, 1, 4096)
-        _check_int("max_train_sample", self.max_train_sample, 1, 2**31 - 1)
-        _check_int("niter", self.niter, 1, 1000)
-        _check_int("min_lists", self.min_lists, 1, 2**20)
-        _check_int("max_lists", self.max_lists, self.min_lists, 2**20)
+        check_int(self.exact_until, "exact_until", 1, 2**40)
+        check_float(self.lists_per_sqrt, "lists_per_sqrt", 0.0, 1024.0, low_open=True)
+        check_float(self.regrow_factor, "regrow_factor", 1.0, 1024.0, low_open=True)
+        check_int(self.nprobe, "nprobe", 1, 65536)
+        check_int(self.max_nprobe, "max_nprobe", 1, 65536)
+        check_int(self.train_per_list, "train_per_list", 1, 4096)
+        check_int(self.max_train_sample, "max_train_sample", 1, INT32_MAX)
+        check_int(self.niter, "niter", 1, 1000)
+        check_int(self.min_lists, "min_lists", 1, MAX_COUNT)
+        check_int(self.max_lists, "max_lists", self.min_lists, MAX_COUNT)
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

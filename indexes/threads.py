@@ -28,6 +28,8 @@ from typing import TypeVar
 import faiss
 import torch
 
+from indexes.validate import MAX_COUNT, check_int
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -46,8 +48,7 @@ def default_threads() -> int:
 
 def set_faiss_threads(n: int) -> None:
     """Set the OpenMP thread count Faiss uses in the calling thread."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n (Faiss threads) must be a positive int, got {n!r}")
+    check_int(n, "n (Faiss threads)", 1, MAX_COUNT)
     faiss.omp_set_num_threads(n)
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from knn_memory.backend import MemoryBackend
 from knn_memory.hits import MemoryHits
+from knn_memory.validate import check_grouping
 
 CLAMP = -1e6
 
@@ -83,15 +84,8 @@ def _check(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
 
 
 def _check_grouping(grouping: tuple[int, int] | None, H: int, q: int) -> tuple[int, int]:
-    if grouping is None:
-        return H, max(q, 1)
-    if (
-        not isinstance(grouping, (tuple, list))
-        or len(grouping) != 2
-        or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grouping)
-    ):
-        raise ValueError(f"grouping must be a pair of positive ints (heads, queries), got {grouping!r}")
-    return int(grouping[0]), int(grouping[1])
+    grouping = check_grouping(grouping, "grouping")
+    return (H, max(q, 1)) if grouping is None else grouping
 
 
 def _joint_scores_in_place(

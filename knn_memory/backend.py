@@ -18,17 +18,12 @@ from indexes import check_k, parse_device
 from indexes.validate import MAX_COUNT, MAX_DIM, check_int, check_tensor_fits
 from knn_memory.hits import MemoryHits
 from knn_memory.locking import reading, writing
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from knn_memory.validate import check_mem_dtype
 
 
 def resolve_dtype(mem_dtype: str | torch.dtype) -> torch.dtype:
     """``"bfloat16"``/``"float16"``/``"float32"`` (or the torch dtype) -> torch dtype."""
-    if isinstance(mem_dtype, torch.dtype) and mem_dtype in _DTYPES.values():
-        return mem_dtype
-    if isinstance(mem_dtype, str) and mem_dtype.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[mem_dtype.removeprefix("torch.")]
-    raise ValueError(f"mem_dtype must be one of {list(_DTYPES)}, got {mem_dtype!r}")
+    return check_mem_dtype(mem_dtype, "mem_dtype")
 
 
 class MemoryBackend(abc.ABC):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from knn_memory.validate import INT64_MAX, MAX_COUNT, MAX_DIM, check_int
+
 SOURCES = ("clustered", "gaussian", "attention")
 
 
@@ -39,11 +41,9 @@ def make_memory(
         ("batch_size", batch_size),
         ("clusters", clusters),
     ):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_int(v, name, 1, MAX_COUNT if name != "head_dim" else MAX_DIM)
     for name, v in (("n_keys", n_keys), ("n_queries", n_queries)):
-        if not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        check_int(v, name, 0, INT64_MAX)
     g = torch.Generator().manual_seed(seed)
     B, H, d = batch_size, num_heads, head_dim
     values = torch.randn(B, H, n_keys, d, generator=g)

@@ -36,10 +36,15 @@ import torch
 from transformers import PreTrainedConfig
 
 import knn_memory
-from knn_memory.validate import INT32_MAX, MAX_K, check_int
+from knn_memory.validate import (
+    MAX_K,
+    check_grouping,
+    check_int,
+    check_mem_dtype,
+    dtype_name,
+    is_int,
+)
 from longllama.windows import WINDOW_ALIGNMENTS
-
-MEM_DTYPES = ("float32", "float16", "bfloat16")
 
 # save_pretrained writes this module beside the weights and points config.json's auto_map at it, so that
 # transformers' Auto classes load the checkpoint with trust_remote_code=True without importing the library
@@ -49,14 +54,6 @@ REMOTE_AUTO_MAP = {
     "AutoModel": "longllama_remote.LongLlamaModel",
     "AutoModelForCausalLM": "longllama_remote.LongLlamaForCausalLM",
 }
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: object, high: int = INT32_MAX) -> int:
-    return check_int(value, name, 1, high)
 
 
 def _bool(name: str, value: object) -> bool:
@@ -69,31 +66,17 @@ def _normalize_mem_layers(value: object) -> list[int]:
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"mem_layers must be a list of layer ids, got {type(value).__name__} {value!r}")
     for layer_id in value:
-        if not _is_int(layer_id):
+        if not is_int(layer_id):
             raise TypeError(f"mem_layers must hold int layer ids, got {type(layer_id).__name__} {layer_id!r}")
     return list(value)
 
 
 def _normalize_mem_dtype(value: object) -> str:
-    if isinstance(value, torch.dtype):
-        value = str(value).removeprefix("torch.")
-    if not isinstance(value, str) or value.removeprefix("torch.") not in MEM_DTYPES:
-        raise ValueError(f"mem_dtype must be one of {list(MEM_DTYPES)}, got {value!r}")
-    return value.removeprefix("torch.")
+    return dtype_name(check_mem_dtype(value, "mem_dtype"))
 
 
 def _normalize_grouping(value: object) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or not all(_is_int(v) and v > 0 for v in value)
-    ):
-        raise ValueError(
-            f"mem_attention_grouping must be None or a pair of positive ints (heads, queries), got {value!r}"
-        )
-    return (value[0], value[1])
+    return check_grouping(value, "mem_attention_grouping")
 
 
 def _normalize_mem_backend(value: object) -> str:
@@ -106,7 +89,7 @@ def _normalize_mem_backend(value: object) -> str:
 
 
 def _normalize_mem_top_k(value: object) -> int | None:
-    return None if value is None else _positive_int("mem_top_k", value, MAX_K)
+    return None if value is None else check_int(value, "mem_top_k", 1, MAX_K)
 
 
 def _normalize_mem_index(value: object) -> str | None:
@@ -176,22 +159,22 @@ def _warn_long_last_context(last_context_length: int, window: int) -> None:
 
 # Field name -> function that checks one value and returns its normal form (e.g. a JSON list -> a tuple).
 _FIELD_CHECKS = {
-    "vocab_size": lambda v: _positive_int("vocab_size", v),
-    "hidden_size": lambda v: _positive_int("hidden_size", v),
-    "intermediate_size": lambda v: _positive_int("intermediate_size", v),
-    "num_hidden_layers": lambda v: _positive_int("num_hidden_layers", v),
-    "num_attention_heads": lambda v: _positive_int("num_attention_heads", v),
-    "max_position_embeddings": lambda v: _positive_int("max_position_embeddings", v),
+    "vocab_size": lambda v: check_int(v, "vocab_size"),
+    "hidden_size": lambda v: check_int(v, "hidden_size"),
+    "intermediate_size": lambda v: check_int(v, "intermediate_size"),
+    "num_hidden_layers": lambda v: check_int(v, "num_hidden_layers"),
+    "num_attention_heads": lambda v: check_int(v, "num_attention_heads"),
+    "max_position_embeddings": lambda v: check_int(v, "max_position_embeddings"),
     "rms_norm_eps": lambda v: _normalize_number("rms_norm_eps", v),
     "rope_theta": lambda v: _normalize_number("rope_theta", v),
     "rope_scaling": _normalize_rope_scaling,
-    "last_context_length": lambda v: _positive_int("last_context_length", v),
+    "last_context_length": lambda v: check_int(v, "last_context_length"),
     "mem_layers": _normalize_mem_layers,
     "mem_positionals": lambda v: _bool("mem_positionals", v),
     "mem_dtype": _normalize_mem_dtype,
     "mem_attention_grouping": _normalize_grouping,
     "torch_attention": lambda v: _bool("torch_attention", v),
-    "gradient_checkpoint_every_ith": lambda v: _positive_int("gradient_checkpoint_every_ith", v),
+    "gradient_checkpoint_every_ith": lambda v: check_int(v, "gradient_checkpoint_every_ith"),
     "mem_backend": _normalize_mem_backend,
     "mem_top_k": _normalize_mem_top_k,
     "mem_index": _normalize_mem_index,

@@ -25,6 +25,8 @@ from __future__ import annotations
 import itertools
 import warnings
 
+from knn_memory.validate import INT64_MAX, check_int
+
 WINDOW_ALIGNMENTS = ("start", "end")
 
 
@@ -55,8 +57,7 @@ def split_windows(
         ("window_length", window_length, 1),
         ("last_context_length", last_context_length, 1),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(value, name, low, INT64_MAX)
     if alignment not in WINDOW_ALIGNMENTS:
         raise ValueError(f"alignment must be one of {list(WINDOW_ALIGNMENTS)}, got {alignment!r}")
     if min(input_length, last_context_length) > window_length:

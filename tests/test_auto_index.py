@@ -52,13 +52,38 @@ def test_policy_schedule_lists_and_sample():
 @pytest.mark.parametrize(
     ("field", "value", "error", "match"),
     [
-        ("exact_until", 0, ValueError, r"exact_until must be an int in \[1, "),
-        ("exact_until", 2**41, ValueError, r"exact_until must be an int in \[1, "),
-        ("exact_until", True, TypeError, "exact_until"),
-        ("nprobe", 2**31, ValueError, r"nprobe must be an int in \[1, 65536\], got 2147483648"),
-        ("regrow_factor", 1.0, ValueError, r"regrow_factor must be a number in \(1.0, 1024.0\], got 1.0"),
-        ("lists_per_sqrt", float("nan"), TypeError, "lists_per_sqrt"),
-        ("max_lists", 2, ValueError, "max_lists must be an int in"),
+        (
+            "exact_until",
+            0,
+            ValueError,
+            r"exact_until must be a positive int, got 0 \(expected 1 <= exact_until",
+        ),
+        (
+            "exact_until",
+            2**41,
+            ValueError,
+            r"exact_until must be a positive int, got 2199023255552 \(expected 1 <=",
+        ),
+        ("exact_until", True, TypeError, "exact_until must be a positive int, got bool"),
+        (
+            "nprobe",
+            2**31,
+            ValueError,
+            r"nprobe must be a positive int, got 2147483648 \(expected 1 <= nprobe <= 65536\)",
+        ),
+        (
+            "regrow_factor",
+            1.0,
+            ValueError,
+            r"regrow_factor must be a finite number in \(1.0, 1024.0\], got 1.0",
+        ),
+        (
+            "lists_per_sqrt",
+            float("nan"),
+            ValueError,
+            r"lists_per_sqrt must be a finite number in \(0.0, 1024.0\], got nan",
+        ),
+        ("max_lists", 2, ValueError, r"max_lists must be an int >= 16, got 2"),
     ],
 )
 def test_policy_refuses_bad_values(field, value, error, match):

@@ -44,7 +44,7 @@ CASES = [
     ("labels-shape", dict(input_ids=IDS, labels=IDS[:, :5]), ValueError, r"labels must be \[B=2, n=20\] like the input, got shape \[2, 5\]"),
     ("logits_to_keep-negative", dict(input_ids=IDS, logits_to_keep=-1), ValueError, r"logits_to_keep must be an int >= 0, got -1"),
     ("logits_to_keep-float", dict(input_ids=IDS, logits_to_keep=1.5), TypeError, r"logits_to_keep must be an int >= 0, got float 1\.5"),
-    ("last_context_length-0", dict(input_ids=IDS, last_context_length=0), ValueError, r"last_context_length must be an int >= 1, got 0"),
+    ("last_context_length-0", dict(input_ids=IDS, last_context_length=0), ValueError, r"last_context_length must be a positive int, got 0"),
 ]  # fmt: skip
 
 

@@ -201,7 +201,7 @@ CASES: list[Case] = [
     ("attn-mask-rank", lambda: attend(mask=t(3, 5)), ValueError, r"local_mask must be \[B=1, 1 or H, q=3, n=5\], got \[3, 5\]"),
     ("attn-mask-list", lambda: attend(mask=[[0.0]]), TypeError, r"local_mask must be an additive float torch\.Tensor, got list"),
     ("attn-grouping", lambda: attend(grouping=(0, 2)), ValueError,
-     r"grouping must be a pair of positive ints \(heads, queries\), got \(0, 2\)"),
+     r"grouping must be None or a pair of positive ints \(heads, queries\), got \(0, 2\)"),
     ("attn-memory-heads", lambda: attend(query=t(1, 3, 3, 4), keys=t(1, 3, 5, 4), values=t(1, 3, 5, 4), memory=filled()),
      ValueError, r"memory holds \[B=1, H=2, d=4\] but query has shape \[1, 3, 3, 4\]"),
     ("attn-memory-dim-empty", lambda: attend(query=t(1, 2, 3, 8), keys=t(1, 2, 5, 8), values=t(1, 2, 5, 8), memory=mem()),

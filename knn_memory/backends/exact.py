@@ -16,7 +16,7 @@ from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
 from knn_memory.storage import ChunkedTensor, compact, gather_values
-from knn_memory.validate import check_tensor_fits
+from knn_memory.validate import INT64_MAX, check_int, check_tensor_fits
 
 DEFAULT_CHUNK = 4096
 
@@ -54,8 +54,7 @@ class ExactBackend(MemoryBackend):
         )
         if index is not None:
             raise ValueError(f"index={index!r}: the 'exact' backend is dense and takes no Faiss index")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_int(chunk_size, "chunk_size", 1, INT64_MAX)
         self.chunk_size = chunk_size
         self._new_storage()
 
