@@ -94,10 +94,15 @@ class LongLlamaLayerCache(CacheLayerMixin):
             self.memory.reorder(beam_idx.to(torch.int64))
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(
-            "a LongLLaMA cache cannot be cropped: tokens flushed into memory cannot be taken back "
-            f"(asked to remove {tokens_to_remove} tokens)"
-        )
+        _refuse_crop(tokens_to_remove)
+
+
+def _refuse_crop(tokens_to_remove: int) -> None:
+    """Both cache levels refuse ``crop`` (transformers' assisted decoding asks for it) the same way."""
+    raise ValueError(
+        "a LongLLaMA cache cannot be cropped: tokens flushed into memory cannot be taken back "
+        f"(asked to remove {tokens_to_remove} tokens)"
+    )
 
 
 class LongLlamaCache(Cache):
@@ -262,10 +267,7 @@ class LongLlamaCache(Cache):
             self.reorder_cache(torch.arange(self._batch_size)[indices.cpu()])
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(
-            "a LongLLaMA cache cannot be cropped: tokens flushed into memory cannot be taken back "
-            f"(asked to remove {tokens_to_remove} tokens)"
-        )
+        _refuse_crop(tokens_to_remove)
 
     @property
     def is_compileable(self) -> bool:
