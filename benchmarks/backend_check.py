@@ -28,7 +28,8 @@ import torch
 import knn_memory
 from benchmarks import measure
 from benchmarks.ceilings import machine_info, matmul_gflops
-from benchmarks.scaling import DEFAULT_OUT, parse_size
+from benchmarks.results_io import DEFAULT_OUT
+from benchmarks.sizes import parse_size
 from indexes import faiss_threads
 from knn_memory.cli import BadArguments, OneLineParser, check_writable_file, error_exit
 from knn_memory.synthetic import make_memory

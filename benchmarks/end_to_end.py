@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from benchmarks.ceilings import machine_info
 from benchmarks.measure import PeakRSS
-from benchmarks.scaling import DEFAULT_OUT, append_rows, parse_size, read_rows
+from benchmarks.results_io import DEFAULT_OUT, append_rows, read_rows
+from benchmarks.sizes import parse_size
 from knn_memory.cli import BadArguments, OneLineParser, check_writable_dir, error_exit
 from longllama import cli_args
 

@@ -24,7 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from benchmarks.scaling import iter_points
+from benchmarks.results_io import iter_points
+from benchmarks.sizes import format_size
 
 FAMILY_COLORS = {
     "exact": "#222222",
@@ -46,7 +47,8 @@ def _color(family: str) -> str:
     return FAMILY_COLORS[family]
 
 
-def _knob(r: dict) -> str:
+def knob_label(r: dict) -> str:
+    """The search knob of a result row as a label (``nprobe=32``, ``ef=256``), or ``""`` when it has none."""
     if r.get("nprobe"):
         return f"nprobe={r['nprobe']}"
     if r.get("efSearch"):
@@ -55,7 +57,7 @@ def _knob(r: dict) -> str:
 
 
 def _label(r: dict) -> str:
-    knob = _knob(r)
+    knob = knob_label(r)
     return f"{r['family']} {knob}".strip()
 
 
@@ -82,7 +84,7 @@ def main_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         common = heads_at[(r["source"], r["n_keys"])].most_common(1)[0][0]
         if r["heads"] == common:
-            best[(r["source"], r["n_keys"], r["queries"], r["index"], _knob(r), r["backend"])] = r
+            best[(r["source"], r["n_keys"], r["queries"], r["index"], knob_label(r), r["backend"])] = r
     return list(best.values())
 
 
@@ -186,7 +188,7 @@ def plot_pareto(rows: list[dict], source: str, path: Path) -> Path | None:
         here = [r for r in rows if r["n_keys"] == n and id(r) in speed and r.get("recall_mean") is not None]
         by_family: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
         for r in here:
-            by_family[r["family"]].append((speed[id(r)], r["recall_mean"], _knob(r)))
+            by_family[r["family"]].append((speed[id(r)], r["recall_mean"], knob_label(r)))
         for family, pts in sorted(by_family.items()):
             pts.sort()
             ax.plot(
@@ -212,7 +214,7 @@ def plot_pareto(rows: list[dict], source: str, path: Path) -> Path | None:
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         heads = here[0]["heads"] if here else "?"
-        ax.set_title(f"N = {_size(n)} keys/head ({heads} head{'s' if heads != 1 else ''})", fontsize=10)
+        ax.set_title(f"N = {format_size(n)} keys/head ({heads} head{'s' if heads != 1 else ''})", fontsize=10)
         ax.set_xlabel("speed-up over exact Flat (index search)")
         ax.set_ylabel(f"recall@{here[0]['k'] if here else 'k'} (mean)")
         ax.grid(True, which="both", alpha=0.25)
@@ -254,7 +256,7 @@ def plot_bytes(rows: list[dict], path: Path) -> Path | None:
     dense = per_family[families[0]]["dense_bf16_kv_bytes_per_token"]
     ax.axvline(dense, color="red", linestyle="--", label=f"dense bf16 K+V ({dense:.0f} B)")
     ax.set_yticks(list(y))
-    ax.set_yticklabels([f"{f} (N={_size(per_family[f]['n_keys'])})" for f in families])
+    ax.set_yticklabels([f"{f} (N={format_size(per_family[f]['n_keys'])})" for f in families])
     d = per_family[families[0]]["head_dim"]
     ax.set_xlabel(f"bytes per stored token per head (head_dim {d})")
     ax.set_title("Memory per stored token, as implemented")
@@ -264,14 +266,6 @@ def plot_bytes(rows: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _size(n: int) -> str:
-    if n >= 2**20 and n % 2**20 == 0:
-        return f"{n // 2**20}M"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n // 1024}k"
-    return str(n)
 
 
 def plot_all(results: Path, out: Path) -> list[Path]:

@@ -15,8 +15,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.plots import _knob, _size, flat_speedups, main_rows, plot_all
-from benchmarks.scaling import DEFAULT_OUT, iter_points, read_rows
+from benchmarks.plots import flat_speedups, knob_label, main_rows, plot_all
+from benchmarks.results_io import DEFAULT_OUT, iter_points, read_rows
+from benchmarks.sizes import format_size
 from knn_memory.cli import BadArguments, OneLineParser, check_writable_file, error_exit
 
 README = Path(__file__).parent / "README.md"
@@ -183,7 +184,7 @@ def _flat_target(points: list[dict], check: dict | None) -> list[str]:
         ]
         for r in sorted(flat, key=lambda r: (r["source"], r["n_keys"])):
             lines.append(
-                f"| {r['source']} | {_size(r['n_keys'])} | {r['heads']} | {r['index_search_s']:.3f} | "
+                f"| {r['source']} | {format_size(r['n_keys'])} | {r['heads']} | {r['index_search_s']:.3f} | "
                 f"{r['index_search_gflops']:.0f} | {r['index_search_gflops_ratio']:.2f} | "
                 f"{_f(r.get('fp32_gflops_at_group'), '.0f')} |"
             )
@@ -208,7 +209,7 @@ def _million_target(points: list[dict]) -> list[str]:
     here = [r for r in cand if r["n_keys"] == n_max]
     speed = flat_speedups(here)
     if n_max != 2**20:
-        lines += [f"Not measured at 1M yet; the largest N measured is {_size(n_max)}:", ""]
+        lines += [f"Not measured at 1M yet; the largest N measured is {format_size(n_max)}:", ""]
     lines += [
         "Speed-up is index-level search time of exact `Flat` over that of the configuration (same heads, same "
         "window); recall is the mean over queries and heads.",
@@ -229,15 +230,15 @@ def _million_target(points: list[dict]) -> list[str]:
                 miss.append(f"{SPEEDUP_TARGET / s:.1f}x too slow")
             status = "missed: " + ", ".join(miss)
         lines.append(
-            f"| {r['index']} | {_knob(r) or '–'} | {rec:.3f} | {_f(r['recall_p01'], '.3f')} | "
+            f"| {r['index']} | {knob_label(r) or '–'} | {rec:.3f} | {_f(r['recall_p01'], '.3f')} | "
             f"{_f(r['mass_recall_mean'], '.3f')} | {s:.1f}x | {_f(r['fraction_scanned'], '.3f')} | {status} |"
         )
     met = [r for r in ann if r["recall_mean"] >= RECALL_TARGET and speed[id(r)] >= SPEEDUP_TARGET]
-    lines += ["", f"**{'Met' if met else 'Not met'}** at N = {_size(n_max)}: "]
+    lines += ["", f"**{'Met' if met else 'Not met'}** at N = {format_size(n_max)}: "]
     if met:
         best = max(met, key=lambda r: speed[id(r)])
         lines[-1] += (
-            f"`{best['index']}` {_knob(best)} reaches {best['recall_mean']:.3f} at {speed[id(best)]:.1f}x."
+            f"`{best['index']}` {knob_label(best)} reaches {best['recall_mean']:.3f} at {speed[id(best)]:.1f}x."
         )
     else:
         at_recall = [r for r in ann if r["recall_mean"] >= RECALL_TARGET]
@@ -248,11 +249,11 @@ def _million_target(points: list[dict]) -> list[str]:
         if fastest:
             parts.append(
                 f"the fastest configuration with recall >= {RECALL_TARGET} is `{fastest['index']}` "
-                f"{_knob(fastest)} at {speed[id(fastest)]:.1f}x"
+                f"{knob_label(fastest)} at {speed[id(fastest)]:.1f}x"
             )
         if best_rec:
             parts.append(
-                f"the best recall at >= {SPEEDUP_TARGET:.0f}x is `{best_rec['index']}` {_knob(best_rec)} with "
+                f"the best recall at >= {SPEEDUP_TARGET:.0f}x is `{best_rec['index']}` {knob_label(best_rec)} with "
                 f"{best_rec['recall_mean']:.3f}"
             )
         lines[-1] += ("; ".join(parts) or "no configuration was measured") + "."
@@ -284,7 +285,7 @@ def _bytes_section(points: list[dict]) -> list[str]:
     ]
     for fam, r in sorted(per.items(), key=lambda kv: kv[1]["bytes_per_token"]):
         lines.append(
-            f"| {fam} | {_size(r['n_keys'])} | {r['bytes_per_token']:.0f} | {r['bytes_per_token_keys']:.0f} | "
+            f"| {fam} | {format_size(r['n_keys'])} | {r['bytes_per_token']:.0f} | {r['bytes_per_token_keys']:.0f} | "
             f"{r['bytes_per_token_index']:.0f} | {r['bytes_per_token_values']:.0f} | {r['bytes_vs_dense_bf16']:.2f} | "
             f"{r['bytes_per_token_index_and_values']:.0f} |"
         )
@@ -331,8 +332,8 @@ def _table(points: list[dict], prefill: bool) -> list[str]:
         )
         if prefill:
             lines.append(
-                f"| {r['source']} | {_size(r['n_keys'])} | {r['heads']} | {r['queries']} | {_index(r)} | "
-                f"{_knob(r) or '–'} | {_f(r.get('build_s'), '.3g')} | {_f(1e3 * r['add_window_s'] if r.get('add_window_s') else None, '.3g')} | "
+                f"| {r['source']} | {format_size(r['n_keys'])} | {r['heads']} | {r['queries']} | {_index(r)} | "
+                f"{knob_label(r) or '–'} | {_f(r.get('build_s'), '.3g')} | {_f(1e3 * r['add_window_s'] if r.get('add_window_s') else None, '.3g')} | "
                 f"{_f(r.get('search_s'), '.3g')} | {_f(r.get('index_search_s'), '.3g')} | "
                 f"{_f(gfl, '.0f')} ({_f(gfl_ratio, '.2f')}) | {_f(r.get('recall_mean'), '.3f')} | "
                 f"{_f(r.get('recall_p01'), '.3f')} | {_f(r.get('mass_recall_mean'), '.3f')} | "
@@ -345,7 +346,7 @@ def _table(points: list[dict], prefill: bool) -> list[str]:
                 r.get("index_search_gbs_ratio") if r["backend"] == "faiss" else r.get("search_gbs_ratio")
             )
             lines.append(
-                f"| {r['source']} | {_size(r['n_keys'])} | {r['heads']} | {_index(r)} | {_knob(r) or '–'} | "
+                f"| {r['source']} | {format_size(r['n_keys'])} | {r['heads']} | {_index(r)} | {knob_label(r) or '–'} | "
                 f"{_f(1e3 * r['search_s'] if r.get('search_s') else None, '.3g')} | "
                 f"{_f(1e3 * r['index_search_s'] if r.get('index_search_s') else None, '.3g')} | "
                 f"{_f(gbs, '.1f')} ({_f(gbs_ratio, '.2f')}) | {_f(r.get('recall_mean'), '.3f')} | "
@@ -386,7 +387,7 @@ def _findings(
     if gather:
         big = max(gather, key=lambda r: r["n_keys"])
         out.append(
-            f"**Backend search is dominated by the value gather**: at N = {_size(big['n_keys'])}, exact `Flat` "
+            f"**Backend search is dominated by the value gather**: at N = {format_size(big['n_keys'])}, exact `Flat` "
             f"took {big['search_s']:.1f} s through the backend against {big['index_search_s']:.1f} s in the index "
             f"({1 - big['index_search_s'] / big['search_s']:.0%} outside it). The gather of the k retrieved values "
             "costs the same for every index, so it also caps what any ANN index can save end to end; ANN "
@@ -409,7 +410,7 @@ def _findings(
         r = max(hnsw, key=lambda r: (r["n_keys"], r.get("efSearch") or 0))
         out.append(
             f"HNSW (inner product) loses recall on the attention-like source as N grows: {r['recall_mean']:.2f} "
-            f"at N = {_size(r['n_keys'])}, efSearch {r.get('efSearch')}; IVF holds up far better there."
+            f"at N = {format_size(r['n_keys'])}, efSearch {r.get('efSearch')}; IVF holds up far better there."
         )
     measured = points + (side or [])
     captured = [
@@ -421,9 +422,11 @@ def _findings(
         n = max(r["n_keys"] for r in captured)
         at_n = sorted((r for r in captured if r["n_keys"] == n), key=_index)
         out.append(
-            f"On keys and queries captured from the embedded model ({captured[0]['source']}, N = {_size(n)}, "
+            f"On keys and queries captured from the embedded model ({captured[0]['source']}, N = {format_size(n)}, "
             f"d = {captured[0].get('head_dim', '?')}), recall@k: "
-            + ", ".join(f"{_index(r)} {_knob(r)} {r['recall_mean']:.2f}".replace("  ", " ") for r in at_n)
+            + ", ".join(
+                f"{_index(r)} {knob_label(r)} {r['recall_mean']:.2f}".replace("  ", " ") for r in at_n
+            )
             + "."
         )
     if not captured:
@@ -458,7 +461,7 @@ def _gather_section(points: list[dict], check: dict | None = None) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["source"], r["n_keys"])):
         share = 1 - r["index_search_s"] / r["search_s"]
         lines.append(
-            f"| {r['source']} | {_size(r['n_keys'])} | {r['heads']} | {r['search_s']:.3g} | "
+            f"| {r['source']} | {format_size(r['n_keys'])} | {r['heads']} | {r['search_s']:.3g} | "
             f"{r['index_search_s']:.3g} | {max(share, 0):.0%} |"
         )
     lines.append("")
@@ -469,7 +472,7 @@ def _gather_section(points: list[dict], check: dict | None = None) -> list[str]:
         share = max(1 - flat["index_search_s"] / flat["backend_search_s"], 0)
         lines += [
             f"These sweep rows{span}; `benchmarks.backend_check` at {check.get('time', '?')[:16]} "
-            f"({_size(flat['n_keys'])} keys, {flat['queries']} queries, k={flat['k']}): backend "
+            f"({format_size(flat['n_keys'])} keys, {flat['queries']} queries, k={flat['k']}): backend "
             f"{flat['backend_search_s']:.3g} s, index {flat['index_search_s']:.3g} s, value gather "
             f"{flat.get('value_gather_s', 0):.3g} s ({share:.0%} outside the index).",
             "",
@@ -497,7 +500,7 @@ def _e2e_section(path: Path) -> list[str]:
         latest[r["point_id"]] = r
     for r in sorted(latest.values(), key=lambda r: (r["model"], r["context"], r["backend"])):
         lines.append(
-            f"| {r['model']} | {r['backend']} | {_size(r['context'])} | {r['prefill_tokens_per_s']:.0f} | "
+            f"| {r['model']} | {r['backend']} | {format_size(r['context'])} | {r['prefill_tokens_per_s']:.0f} | "
             f"{_f(r['decode_ms_per_token'], '.1f')} | {_f(r['decode_ms_max'], '.1f')} | "
             f"{r['memory_bytes'] / 2**20:.1f} | {r['peak_rss_mib']:.0f} |"
         )
@@ -564,7 +567,7 @@ def _memory_growth_section(folder: Path, readme: Path) -> list[str]:
             ratio = row["rss_over_nbytes"]
             lines.append(
                 f"| {path.parent.name} | {run['spec'].get('model', '?')} | {row['backend']} | "
-                f"{_size(row['tokens'])} | {row['nbytes_bytes_per_token']:.0f} | "
+                f"{format_size(row['tokens'])} | {row['nbytes_bytes_per_token']:.0f} | "
                 f"{row['nbytes_bytes_per_token'] / slots:.0f} | {row['rss_bytes_per_token']:.0f} | "
                 f"{_f(ratio, '.2f')} | {row['max_peak_over_final_growth']:.2f} | {len(row['spikes'])} | "
                 f"{row['seconds']:.0f} |"
@@ -607,7 +610,7 @@ def _policy_section(folder: Path) -> list[str]:
     for path in runs:
         for r in json.loads(path.read_text()):
             lines.append(
-                f"| {path.stem} | {r['layer']} | {_size(r['keys'])} | {r['lists']} | {r['nprobe']} | "
+                f"| {path.stem} | {r['layer']} | {format_size(r['keys'])} | {r['lists']} | {r['nprobe']} | "
                 f"{r.get('max_nprobe', '-')} | {r['recall_mean']:.3f} | {_f(r.get('tie_recall_mean'), '.3f')} | "
                 f"{r['mass_recall_mean']:.4f} | {_f(r.get('lists_per_query'), '.1f')} | "
                 f"{100 * r['scanned_fraction']:.2f}% | {_f(100 * r.get('capped_fraction', 0), '.1f')}% |"
@@ -634,7 +637,7 @@ def _phases_section(folder: Path) -> list[str]:
         r = json.loads(path.read_text())
         c = r["ceilings"]
         lines += [
-            f"### {path.stem}: {_size(r['tokens'])} tokens, `{r['backend']}` top-{r['top_k']}, "
+            f"### {path.stem}: {format_size(r['tokens'])} tokens, `{r['backend']}` top-{r['top_k']}, "
             f"{r['threads']} thread(s)",
             "",
             f"Prefill {r['prefill_seconds']:.0f} s; decode {_f(r.get('decode_tokens_per_second'), '.1f')} "

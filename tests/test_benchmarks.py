@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import ceilings, measure, scaling
+from benchmarks import ceilings, measure, results_io, scaling, scaling_group, scaling_run
 from benchmarks.ceilings import Ceilings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,8 +36,9 @@ def fake_ceilings(device: str = "cpu", quick: bool = False) -> Ceilings:
 
 def _patch_ceilings(mp: pytest.MonkeyPatch) -> None:
     """The sweep's ceiling measurement takes seconds; its own test covers it."""
-    mp.setattr(scaling, "measure_ceilings", fake_ceilings)
-    mp.setattr(scaling, "matmul_gflops", lambda *a, **k: 1.0)
+    mp.setattr(scaling_run, "measure_ceilings", fake_ceilings)
+    mp.setattr(scaling_run, "matmul_gflops", lambda *a, **k: 1.0)
+    mp.setattr(scaling_group, "matmul_gflops", lambda *a, **k: 1.0)
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def sweep(out: Path, *extra: str) -> int:
 
 
 def points(path: Path) -> list[dict]:
-    return [r for r in scaling.read_rows(path) if r.get("kind") == "point"]
+    return [r for r in results_io.read_rows(path) if r.get("kind") == "point"]
 
 
 def test_ceilings_measure_positive_rates():
@@ -168,7 +169,7 @@ def test_report_written_from_results(swept):
 
 def test_results_carry_no_machine_paths():
     argv = ["--out", "/a/b/res", "--sources", "attention,captured:/x/y/cap.pt", "--readme=/q/README.md"]
-    assert scaling.portable_argv(argv) == [
+    assert results_io.portable_argv(argv) == [
         "--out", "res", "--sources", "attention,captured:cap.pt", "--readme=README.md",
     ]  # fmt: skip
 
@@ -198,7 +199,7 @@ def test_with_search_params_changes_the_knob_without_retraining():
     mem = knn_memory.create_backend("faiss", num_heads=1, head_dim=16, index="IVF32,Flat", nprobe=1, top_k=8)
     mem.add(keys, keys)
     trainings = mem.head_index(0, 0).trainings
-    other = scaling.with_search_params(mem, {"nprobe": 32})
+    other = scaling_group.with_search_params(mem, {"nprobe": 32})
     assert other is mem and other.config()["nprobe"] == 32
     assert other.head_index(0, 0).trainings == trainings
     q = torch.randn(1, 1, 8, 16)
@@ -268,7 +269,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
          "--out", str(tmp_path), "--no-progress"]
     )  # fmt: skip
     assert rc == 0
-    rows = scaling.read_rows(tmp_path / "end_to_end.jsonl")
+    rows = results_io.read_rows(tmp_path / "end_to_end.jsonl")
     assert [r["backend"] for r in rows] == ["exact", "faiss:Flat"]
     for r in rows:
         assert r["status"] == "ok" and r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0
