@@ -99,8 +99,9 @@ class MemoryBackend(abc.ABC):
         """Forget every entry of the given batch rows (all rows when None)."""
 
     @abc.abstractmethod
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` [B'] in that order (rows may repeat; beam search). B becomes B'."""
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` [B'] (int64 positions) in that order (rows may repeat; beam search).
+        B becomes B'."""
 
     @abc.abstractmethod
     def truncate(self, lengths: int | torch.Tensor) -> None:
@@ -379,14 +380,14 @@ class MemoryBackend(abc.ABC):
                 f"checkpoint was taken of another memory ({checkpoint.memory!r}), not of {self!r}"
             )
 
-    def _check_reorder(self, index: torch.Tensor) -> torch.Tensor:
-        if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"index must be an int64 torch.Tensor of row indices, got {index!r}")
-        if index.dim() != 1 or index.numel() == 0:
-            raise ValueError(f"index must be 1-D and non-empty, got shape {list(index.shape)}")
-        if bool((index < 0).any()) or bool((index >= self.batch_size).any()):
-            raise ValueError(f"index values must lie in [0, {self.batch_size}), got {index.tolist()}")
-        return index.to(torch.int64).cpu()
+    def _check_reorder(self, rows: torch.Tensor) -> torch.Tensor:
+        if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"rows must be an int64 torch.Tensor of row indices, got {rows!r}")
+        if rows.dim() != 1 or rows.numel() == 0:
+            raise ValueError(f"rows must be 1-D and non-empty, got shape {list(rows.shape)}")
+        if bool((rows < 0).any()) or bool((rows >= self.batch_size).any()):
+            raise ValueError(f"rows must lie in [0, batch_size={self.batch_size}), got {rows.tolist()}")
+        return rows.to(torch.int64).cpu()
 
 
 @dataclass(frozen=True, eq=False)

@@ -56,6 +56,17 @@ _VERSION_NAME = re.compile(r"v-[0-9a-f]{12}")
 PARTS_MANIFEST = "manifest"
 
 
+def part_dir(rank: int, world_size: int) -> str:
+    """Name of process ``rank``'s part inside a memory saved in parts."""
+    return f"rank-{rank}-of-{world_size}"
+
+
+def saved_in_parts(root: str | os.PathLike) -> bool:
+    """True when ``root`` holds a memory saved in parts (a ``manifest/`` and no ``CURRENT`` of its own)."""
+    root = Path(root)
+    return not (root / CURRENT).exists() and (root / PARTS_MANIFEST / CURRENT).exists()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -336,7 +347,7 @@ def load_backend(path: str | os.PathLike, device: str | torch.device | None = No
     A memory saved in parts (``path/manifest``, see :data:`PARTS_MANIFEST`) is read through its manifest:
     the backend named there loads this process's part (:meth:`MemoryBackend.from_saved`)."""
     root = Path(path)
-    if not (root / CURRENT).exists() and (root / PARTS_MANIFEST / CURRENT).exists():
+    if saved_in_parts(root):
         meta, files = read_version(root / PARTS_MANIFEST, FORMAT)
     else:
         meta, files = read_version(path, FORMAT)

@@ -53,6 +53,17 @@ def process_rank() -> int:
         return 0
 
 
+def process_world_size() -> int:
+    """Processes in the group: the group's when one is initialised, else ``WORLD_SIZE`` from the environment
+    (torchrun's), else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1"))) if launched_by_torchrun() else 1
+    except ValueError:
+        return 1
+
+
 class ShardGroup:
     """This process's place in the group: :attr:`rank`, :attr:`world_size`, and the collectives.
 

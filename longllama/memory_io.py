@@ -43,7 +43,17 @@ import torch
 from torch import nn
 
 import knn_memory
-from knn_memory.persistence import CACHE_FORMAT, FORMAT_VERSION, read_version, write_version
+from knn_memory.persistence import (
+    CACHE_FORMAT,
+    CURRENT,
+    FORMAT_VERSION,
+    PARTS_MANIFEST,
+    part_dir,
+    read_version,
+    saved_in_parts,
+    write_version,
+)
+from knn_memory.process_group import process_rank, process_world_size
 from knn_memory.storage import compact
 from knn_memory.validate import check_tensor_fits
 from longllama.cache import LongLlamaCache, create_memory
@@ -51,6 +61,7 @@ from longllama.configuration import LongLlamaConfig
 
 FORMAT = CACHE_FORMAT
 CACHE_FILE = "cache.pt"
+MANIFEST_FILE = "manifest.pt"
 
 # Config fields that shape the keys and values in a cache: they must be equal to load it.
 MODEL_FIELDS = (
@@ -164,12 +175,6 @@ def save_memory(
         OSError: the write failed (nothing half-written is left).
     """
     cache = _check_cache(cache, config)
-    for i in cache.memory_layers:
-        if getattr(cache.memory(i), "SHARDED", False):
-            raise ValueError(
-                f"layer {i} holds a sharded memory ({cache.memory(i).name!r}), which spans processes: save_memory "
-                f"writes one process's cache; save each memory layer on every rank with cache.memory(i).save(path)"
-            )
     local = []
     for layer in cache.layers:
         if layer.keys is None:
@@ -200,7 +205,23 @@ def save_memory(
         "mem_backend": config.mem_backend,
         "memory_lengths": cache.memory_lengths(),
     }
-    return write_version(path, files, meta)
+    sharded = [m for m in (cache.memory(i) for i in memory_layers) if getattr(m, "SHARDED", False)]
+    if not sharded:
+        return write_version(path, files, meta)
+    # a memory spread over processes: every rank writes its own cache as one part, then rank 0 the manifest
+    group, rank, world = sharded[0].group, sharded[0].rank, sharded[0].world_size
+    root = Path(path)
+    if (root / CURRENT).exists():
+        raise ValueError(
+            f"path {str(root)!r} holds a memory saved by one process; save a sharded one elsewhere"
+        )
+    part = write_version(root / part_dir(rank, world), files, meta)
+    group.barrier()
+    if rank == 0:
+        manifest = {"world_size": world, "parts": [part_dir(r, world) for r in range(world)]}
+        write_version(root / PARTS_MANIFEST, {MANIFEST_FILE: manifest}, {**meta, "world_size": world})
+    group.barrier()
+    return part
 
 
 def _check_config(saved: dict, config: LongLlamaConfig, path: object) -> None:
@@ -282,6 +303,16 @@ def load_memory(
     if not isinstance(config, LongLlamaConfig):
         raise TypeError(f"config must be a LongLlamaConfig, got {type(config).__name__}")
     device = torch.device("cpu") if device is None else torch.device(device)
+    if saved_in_parts(path):  # saved by every rank of a sharded memory: this process reads its own part
+        _, parts = read_version(Path(path) / PARTS_MANIFEST, FORMAT)
+        saved_world = (parts.get(MANIFEST_FILE) or {}).get("world_size")
+        rank, world = process_rank(), process_world_size()
+        if saved_world != world:
+            raise ValueError(
+                f"memory at {str(path)!r} was saved by {saved_world} ranks, but this group has {world}: load it "
+                f"with as many ranks (torchrun --nproc-per-node {saved_world})"
+            )
+        path = Path(path) / part_dir(rank, world)
     _, files = read_version(path, FORMAT)
     state = files.get(CACHE_FILE)
     keys = ("config", "fingerprint", "dtype", "batch_size", "seen_tokens", "positions", "local", "backends")

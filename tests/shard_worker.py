@@ -111,11 +111,11 @@ def main_scenarios(out: Path, rank: int) -> dict:
     loaded = knn_memory.load_backend(out / "saved")
     results["saved/attention"] = attend(mem)
     results["saved/loaded_attention"] = attend(loaded)
-    results["model"] = model_scenario()
+    results["model"] = model_scenario(out)
     return results
 
 
-def model_scenario() -> dict:
+def model_scenario(out_dir: Path) -> dict:
     """The tiny model with sharded memories: a left-padded batch, then greedy generation."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.tiny import tiny_model
@@ -125,9 +125,20 @@ def model_scenario() -> dict:
         model = tiny_model(seed=3, **settings)
         ids, attention_mask = model_inputs()
         with torch.no_grad():
-            logits = model(ids, attention_mask=attention_mask).logits
+            res = model(ids, attention_mask=attention_mask)
             generated = model.generate(ids[:1, 4:], max_new_tokens=6, do_sample=False)
-        out[label] = {"logits": logits, "generated": generated}
+            # the whole cache saved by every rank (one part each) and loaded back answers as the live one
+            model.save_memory(res.cache, out_dir / f"model-{label}")
+            loaded = model.load_memory(out_dir / f"model-{label}")
+            follow = ids[:, :9]
+            live_next = model(follow, past_key_values=res.cache).logits
+            loaded_next = model(follow, past_key_values=loaded).logits
+        out[label] = {
+            "logits": res.logits,
+            "generated": generated,
+            "live_next": live_next,
+            "loaded_next": loaded_next,
+        }
     return out
 
 

@@ -310,7 +310,7 @@ def test_reorder_with_duplicated_rows_gives_independent_beams(case):
     mem.reset([1])
     assert mem.lengths.tolist() == [lengths[1] + 4, 0, lengths[0]]
     same_hits(mem.search(q3), _row(out2, 0), rows=slice(0, 1))
-    with pytest.raises(ValueError, match="index values must lie in"):
+    with pytest.raises(ValueError, match="rows must lie in"):
         mem.reorder(torch.tensor([3]))
 
 

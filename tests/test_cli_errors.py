@@ -80,6 +80,10 @@ CASES = [
     ("knn-memory-phases", ["--length", "64k", "--out", "{bad}/p.json"], "--out"),
     ("knn-memory-agreement", ["--keys", "0"], "--keys"),
     ("knn-memory-agreement", ["--json", "{bad}/a.json"], "--json"),
+    ("knn-memory-sharded", ["--length", "nan"], "--length"),
+    ("knn-memory-sharded", ["--backend", "faiss:auto"], "--backend"),
+    ("knn-memory-sharded", ["--ranks", "0"], "--ranks"),
+    ("knn-memory-sharded", ["--out", "{bad}"], "--out"),
     ("memory_growth", ["--tokens", "inf"], "--tokens"),
     ("memory_growth", ["--model", "random", "--out", "{bad}"], "--out"),
 ]

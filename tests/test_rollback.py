@@ -50,9 +50,11 @@ def test_chunked_truncate_keeps_the_first_entries_and_appends_after_them(n):
 def test_chunked_truncate_rejects_bad_lengths():
     store = ChunkedTensor((), 3, torch.float32, "cpu", chunk=8)
     store.append(torch.randn(5, 3))
-    with pytest.raises(ValueError, match=r"n must be in \[0, 5\].*got 6"):
+    with pytest.raises(
+        ValueError, match=r"n \(the entries to keep\) must be an int >= 0, got 6 \(expected 0 <= .* <= 5\)"
+    ):
         store.truncate(6)
-    with pytest.raises(TypeError, match="n must be an int"):
+    with pytest.raises(TypeError, match=r"n \(the entries to keep\) must be an int >= 0, got float"):
         store.truncate(2.0)
 
 

@@ -184,6 +184,7 @@ def test_the_model_with_a_sharded_memory(ranks, label):
         real = attention_mask.bool()
         torch.testing.assert_close(got["logits"][real], logits[real], rtol=1e-5, atol=1e-5)
         assert torch.equal(got["generated"], generated)
+        torch.testing.assert_close(got["loaded_next"], got["live_next"])
 
 
 def test_one_process_sharded_memory_equals_its_inner_backend():
@@ -250,12 +251,18 @@ def test_memory_attention_with_a_one_process_sharded_memory_is_used_by_the_model
     torch.testing.assert_close(a.logits[real], b.logits[real], rtol=2e-6, atol=2e-6)
 
 
-def test_save_memory_of_a_model_refuses_a_sharded_memory(tmp_path):
-    model = tiny_model(seed=3, mem_backend="sharded", mem_index_params={"inner": "exact"})
-    with torch.no_grad():
-        out = model(torch.randint(0, 64, (1, 40)))
-    with pytest.raises(ValueError, match=r"layer 1 holds a sharded memory .* cache.memory\(i\).save\(path\)"):
-        model.save_memory(out.cache, tmp_path / "m")
+def test_a_model_cache_saved_by_ranks_loads_on_as_many_only(ranks):
+    out, _ = ranks
+    for label in sw.MODEL_SETTINGS:
+        saved = out / f"model-{label}"
+        assert (
+            (saved / "rank-0-of-2").is_dir()
+            and (saved / "rank-1-of-2").is_dir()
+            and (saved / "manifest").is_dir()
+        )
+        model = tiny_model(seed=3, **sw.MODEL_SETTINGS[label])
+        with pytest.raises(ValueError, match="saved by 2 ranks, but this group has 1"):
+            model.load_memory(saved)
 
 
 def test_passkey_cli_under_torchrun_answers_as_one_process(tmp_path):

@@ -79,7 +79,7 @@ class ExactBackend(MemoryBackend):
         """Entries per row, padding included (rows are aligned)."""
         return self._keys.length
 
-    def valid_mask(self) -> torch.Tensor:
+    def entry_mask(self) -> torch.Tensor:
         """[B, M] bool: True for real entries."""
         return self._valid.full().squeeze(-1)
 
@@ -87,7 +87,7 @@ class ExactBackend(MemoryBackend):
         k, heads = self._check_search(queries, k, heads)
         B, h, q, _ = queries.shape
         M = self.entries
-        valid = self.valid_mask()  # [B, M]
+        valid = self.entry_mask()  # [B, M]
         key_views = [v[:, heads] for v in self._keys.views()]
         value_views = [v[:, heads] for v in self._values.views()]
         if not value_views:  # empty memory: one empty chunk keeps d, so weighted values are [B, h, q, d]
@@ -143,7 +143,7 @@ class ExactBackend(MemoryBackend):
         self._valid.chunks = [chunk.index_fill(0, index, False) for chunk in self._valid.chunks]
         # rows are aligned: entries past the last real entry of every row are dropped (all of them when
         # no row keeps any), so resetting the longest rows frees their storage
-        valid = self.valid_mask()
+        valid = self.entry_mask()
         real = valid.any(dim=0).nonzero()
         cut = int(real[-1]) + 1 if real.numel() else 0
         if cut == 0:
@@ -152,11 +152,11 @@ class ExactBackend(MemoryBackend):
             for store in (self._keys, self._values, self._valid):
                 store.truncate(cut)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        index = self._check_reorder(index)
+    def reorder(self, rows: torch.Tensor) -> None:
+        rows = self._check_reorder(rows)
         for store in (self._keys, self._values, self._valid):
-            store.index_select_lead(index)
-        self.batch_size = len(index)
+            store.index_select_lead(rows)
+        self.batch_size = len(rows)
 
     def truncate(self, lengths: int | torch.Tensor) -> None:
         """Forget every entry after the first ``lengths[b]`` real entries of row b (see the interface).
@@ -167,7 +167,7 @@ class ExactBackend(MemoryBackend):
         Nothing is copied but those flags, and only when some row needs them.
         """
         lengths = self._check_lengths(lengths).to(self.device)
-        valid = self.valid_mask()  # [B, M]
+        valid = self.entry_mask()  # [B, M]
         if torch.equal(lengths, valid.sum(dim=-1)):
             return
         # the shortest prefix of each row holding lengths[b] real entries
@@ -201,7 +201,7 @@ class ExactBackend(MemoryBackend):
 
     @property
     def lengths(self) -> torch.Tensor:
-        return self.valid_mask().sum(dim=-1).to(torch.int64)
+        return self.entry_mask().sum(dim=-1).to(torch.int64)
 
     @property
     def nbytes(self) -> int:
@@ -209,7 +209,7 @@ class ExactBackend(MemoryBackend):
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All stored entries: keys [B, H, M, d], values [B, H, M, d] (mem_dtype), valid [B, M] bool."""
-        return self._keys.full(), self._values.full(), self.valid_mask()
+        return self._keys.full(), self._values.full(), self.entry_mask()
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict:

@@ -259,8 +259,8 @@ class FaissBackend(MemoryBackend):
         for b in range(self.batch_size):
             kb, vb = keys[b], values[b]  # [H, n, d]
             if mask is not None and not bool(mask[b].all()):
-                keep = mask[b]
-                kb, vb = kb[:, keep], vb[:, keep]
+                real = mask[b]
+                kb, vb = kb[:, real], vb[:, real]
             if kb.shape[1] == 0:
                 continue
             self._values[b].append(vb)
@@ -295,20 +295,20 @@ class FaissBackend(MemoryBackend):
             self._rows[r] = self._new_row()
             self._values[r] = self._new_values()
 
-    def reorder(self, index: torch.Tensor) -> None:
-        index = self._check_reorder(index)
+    def reorder(self, rows: torch.Tensor) -> None:
+        rows = self._check_reorder(rows)
         seen: set[int] = set()
-        rows, values = [], []
-        for r in index.tolist():
+        indexes, values = [], []
+        for r in rows.tolist():
             if r in seen:  # a duplicated beam gets its own copy, never a shared mutable index
-                rows.append([ix.clone() for ix in self._rows[r]])
+                indexes.append([ix.clone() for ix in self._rows[r]])
                 values.append(self._values[r].clone())
             else:
-                rows.append(self._rows[r])
+                indexes.append(self._rows[r])
                 values.append(self._values[r])
                 seen.add(r)
-        self._rows, self._values = rows, values
-        self.batch_size = len(index)
+        self._rows, self._values = indexes, values
+        self.batch_size = len(rows)
 
     def truncate(self, lengths: int | torch.Tensor) -> None:
         """Forget every entry after the first ``lengths[b]`` of row b (see the interface), in place.

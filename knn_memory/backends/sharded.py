@@ -50,6 +50,7 @@ from knn_memory.persistence import (
     FORMAT,
     FORMAT_VERSION,
     PARTS_MANIFEST,
+    part_dir,
     read_version,
     save_backend,
     write_version,
@@ -58,11 +59,6 @@ from knn_memory.process_group import DEFAULT_TIMEOUT, ShardGroup
 from knn_memory.registry import backend_class, create_backend, register_backend
 
 MODES = ("union", "global")
-
-
-def shard_dir(rank: int, world_size: int) -> str:
-    """Name of rank ``rank``'s directory inside a saved sharded memory."""
-    return f"rank-{rank}-of-{world_size}"
 
 
 @register_backend("sharded")
@@ -246,12 +242,12 @@ class ShardedBackend(MemoryBackend):
             for _, counts in self._windows:
                 counts[r] = 0
 
-    def reorder(self, index: torch.Tensor) -> None:
-        index = self._check_reorder(index)
-        self.shard.reorder(index)
-        self._total = self._total[index]
-        self._windows = [(owner, counts[index]) for owner, counts in self._windows]
-        self.batch_size = len(index)
+    def reorder(self, rows: torch.Tensor) -> None:
+        rows = self._check_reorder(rows)
+        self.shard.reorder(rows)
+        self._total = self._total[rows]
+        self._windows = [(owner, counts[rows]) for owner, counts in self._windows]
+        self.batch_size = len(rows)
 
     def truncate(self, lengths: int | torch.Tensor) -> None:
         """Keep the first ``lengths[b]`` real entries of each row over all ranks: each rank keeps those of its
@@ -351,13 +347,13 @@ class ShardedBackend(MemoryBackend):
         if root.exists() and not root.is_dir():
             raise ValueError(f"path {str(root)!r} exists and is not a directory")
         root.mkdir(parents=True, exist_ok=True)
-        save_backend(self, root / shard_dir(self.rank, self.world_size))
+        save_backend(self, root / part_dir(self.rank, self.world_size))
         self.group.barrier()
         if self.rank == 0:
             manifest = {
                 "config": self.config(),
                 "world_size": self.world_size,
-                "shards": [shard_dir(r, self.world_size) for r in range(self.world_size)],
+                "shards": [part_dir(r, self.world_size) for r in range(self.world_size)],
             }
             meta = {
                 "format": FORMAT,
@@ -384,10 +380,10 @@ class ShardedBackend(MemoryBackend):
                 f"path {path!r} holds a memory sharded over {saved_world} ranks, but this group has "
                 f"{probe.world_size}: load it with as many ranks (torchrun --nproc-per-node {saved_world})"
             )
-        _, files = read_version(Path(path) / shard_dir(probe.rank, probe.world_size), FORMAT)
+        _, files = read_version(Path(path) / part_dir(probe.rank, probe.world_size), FORMAT)
         mine = files.get("state.pt")
         if not isinstance(mine, dict) or "shard" not in mine:
             raise ValueError(
-                f"path {path!r}: {shard_dir(probe.rank, probe.world_size)} holds no sharded slice"
+                f"path {path!r}: {part_dir(probe.rank, probe.world_size)} holds no sharded slice"
             )
         return cls.from_state(mine, device=device)
