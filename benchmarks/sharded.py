@@ -14,7 +14,8 @@ with the sharded memory (the prefill, timed between barriers), answers it, then 
   against the formula of :mod:`knn_memory.backends.sharded`: ``4 + 4 (d + 1)`` (+ ``4 k`` in global mode);
   and the prefill's total.
 
-Writes ``results.jsonl`` (one line per world size) and ``summary.md`` into ``--out``.
+Appends to ``results.jsonl`` (one line per world size) and writes ``summary.md`` (every run recorded there)
+into ``--out``.
 """
 
 from __future__ import annotations
@@ -174,14 +175,14 @@ def _launch(args, world_size: int, timeout: float) -> dict:
 
 def summary_table(rows: list[dict]) -> str:
     lines = [
-        "| ranks | threads/rank | tokens | correct | prefill s | prefill tok/s | search q/s | bytes per rank "
+        "| backend | ranks | threads/rank | tokens | correct | prefill s | prefill tok/s | search q/s | bytes per rank "
         "(MiB) | sent B per (query, head): measured / formula | sent during prefill (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per_rank = " + ".join(f"{b / 2**20:.1f}" for b in r["bytes_per_rank"])
         lines.append(
-            f"| {r['world_size']} | {r['threads_per_rank']} | {r['length']} | {r['correct']} | "
+            f"| {r['backend']} | {r['world_size']} | {r['threads_per_rank']} | {r['length']} | {r['correct']} | "
             f"{r['prefill_seconds']:.1f} | {r['prefill_tokens_per_s']:.0f} | {r['search_queries_per_s']:.0f} | "
             f"{per_rank} | {r['sent_bytes_per_query_head']:.1f} / {r['formula_bytes_per_query_head']} | "
             f"{r['sent_bytes_prefill'] / 2**20:.1f} |"
@@ -232,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-    table = summary_table(rows)
-    (out / "summary.md").write_text(table + "\n")
-    print(table)
+    print(summary_table(rows))
+    # the summary covers every run recorded in this folder (earlier invocations included)
+    recorded = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    (out / "summary.md").write_text(summary_table(recorded) + "\n")
     return 0
 
 
