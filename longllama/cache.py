@@ -303,8 +303,8 @@ def create_memory(config: LongLlamaConfig, batch_size: int, device: torch.device
 
 
 def add_to_memory(
-    memory: knn_memory.MemoryBackend, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor
+    memory: knn_memory.MemoryBackend, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
 ) -> None:
-    """Append un-rotated ``keys``/``values`` [B, H, n, d] with their real-token flags [B, n] to ``memory``."""
+    """Append un-rotated ``keys``/``values`` [B, H, n, d] with their ``mask`` [B, n] (True = real token)."""
     device = memory.device
-    memory.add(keys.to(device), values.to(device), mask=real.to(device))
+    memory.add(keys.to(device), values.to(device), mask=mask.to(device))

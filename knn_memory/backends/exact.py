@@ -62,7 +62,7 @@ class ExactBackend(MemoryBackend):
         lead = (self.batch_size, self.num_heads)
         self._keys = ChunkedTensor(lead, self.head_dim, self.mem_dtype, self.device, self.chunk_size)
         self._values = ChunkedTensor(lead, self.head_dim, self.mem_dtype, self.device, self.chunk_size)
-        self._valid = ChunkedTensor((self.batch_size,), 1, torch.bool, self.device, self.chunk_size)
+        self._mask = ChunkedTensor((self.batch_size,), 1, torch.bool, self.device, self.chunk_size)
 
     # ------------------------------------------------------------------ MemoryBackend
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -72,7 +72,7 @@ class ExactBackend(MemoryBackend):
             mask = torch.ones(self.batch_size, n, dtype=torch.bool, device=self.device)
         self._keys.append(keys)
         self._values.append(values)
-        self._valid.append(mask.unsqueeze(-1))
+        self._mask.append(mask.unsqueeze(-1))
 
     @property
     def entries(self) -> int:
@@ -81,13 +81,13 @@ class ExactBackend(MemoryBackend):
 
     def entry_mask(self) -> torch.Tensor:
         """[B, M] bool: True for real entries."""
-        return self._valid.full().squeeze(-1)
+        return self._mask.full().squeeze(-1)
 
     def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None) -> MemoryHits:
         k, heads = self._check_search(queries, k, heads)
         B, h, q, _ = queries.shape
         M = self.entries
-        valid = self.entry_mask()  # [B, M]
+        mask = self.entry_mask()  # [B, M]
         key_views = [v[:, heads] for v in self._keys.views()]
         value_views = [v[:, heads] for v in self._values.views()]
         if not value_views:  # empty memory: one empty chunk keeps d, so weighted values are [B, h, q, d]
@@ -105,13 +105,13 @@ class ExactBackend(MemoryBackend):
                 stop = start + kv.shape[-2]
                 scores[..., start:stop] = torch.matmul(queries, kv.to(queries.dtype).transpose(-1, -2))
                 start = stop
-        pad = ~valid[:, None, None, :]
+        pad = ~mask[:, None, None, :]
         if scores.requires_grad:
             scores = scores.masked_fill(pad, float("-inf"))
         else:  # scores [B, h, q, M] is ours: no second copy of the largest tensor of a dense search
             scores.masked_fill_(pad, float("-inf"))
         # ids count real entries only (the i-th real entry of a row has id i), as in every backend
-        entry_ids = torch.where(valid, valid.cumsum(dim=-1) - 1, -1)  # [B, M]
+        entry_ids = torch.where(mask, mask.cumsum(dim=-1) - 1, -1)  # [B, M]
         if k is None:
             ids = entry_ids[:, None, None, :].expand(B, h, q, M)
             return MemoryHits(scores=scores, ids=ids, value_chunks=tuple(value_views))
@@ -138,23 +138,23 @@ class ExactBackend(MemoryBackend):
         if rows is None:
             self._new_storage()
             return
-        index = torch.tensor(self._check_rows(rows), dtype=torch.int64, device=self.device)
+        reset_rows = torch.tensor(self._check_rows(rows), dtype=torch.int64, device=self.device)
         # new flag tensors (bools, small) rather than writes into the old ones, which checkpoints hold
-        self._valid.chunks = [chunk.index_fill(0, index, False) for chunk in self._valid.chunks]
+        self._mask.chunks = [chunk.index_fill(0, reset_rows, False) for chunk in self._mask.chunks]
         # rows are aligned: entries past the last real entry of every row are dropped (all of them when
         # no row keeps any), so resetting the longest rows frees their storage
-        valid = self.entry_mask()
-        real = valid.any(dim=0).nonzero()
-        cut = int(real[-1]) + 1 if real.numel() else 0
+        mask = self.entry_mask()
+        used = mask.any(dim=0).nonzero()
+        cut = int(used[-1]) + 1 if used.numel() else 0
         if cut == 0:
             self._new_storage()
         elif cut < self.entries:
-            for store in (self._keys, self._values, self._valid):
+            for store in (self._keys, self._values, self._mask):
                 store.truncate(cut)
 
     def reorder(self, rows: torch.Tensor) -> None:
         rows = self._check_reorder(rows)
-        for store in (self._keys, self._values, self._valid):
+        for store in (self._keys, self._values, self._mask):
             store.index_select_lead(rows)
         self.batch_size = len(rows)
 
@@ -167,21 +167,21 @@ class ExactBackend(MemoryBackend):
         Nothing is copied but those flags, and only when some row needs them.
         """
         lengths = self._check_lengths(lengths).to(self.device)
-        valid = self.entry_mask()  # [B, M]
-        if torch.equal(lengths, valid.sum(dim=-1)):
+        mask = self.entry_mask()  # [B, M]
+        if torch.equal(lengths, mask.sum(dim=-1)):
             return
         # the shortest prefix of each row holding lengths[b] real entries
-        ends = (valid.cumsum(dim=-1) < lengths[:, None]).sum(dim=-1) + (lengths > 0).to(torch.int64)
+        ends = (mask.cumsum(dim=-1) < lengths[:, None]).sum(dim=-1) + (lengths > 0).to(torch.int64)
         cut = int(ends.max()) if ends.numel() else 0
         if cut == self.entries:
             return
-        for store in (self._keys, self._values, self._valid):
+        for store in (self._keys, self._values, self._mask):
             store.truncate(cut)
-        forget = valid[:, :cut] & (torch.arange(cut, device=self.device)[None, :] >= ends[:, None])
+        forget = mask[:, :cut] & (torch.arange(cut, device=self.device)[None, :] >= ends[:, None])
         if bool(forget.any()):
-            flags = (valid[:, :cut] & ~forget).unsqueeze(-1)
-            self._valid = ChunkedTensor((self.batch_size,), 1, torch.bool, self.device, self.chunk_size)
-            self._valid.append(flags)
+            flags = (mask[:, :cut] & ~forget).unsqueeze(-1)
+            self._mask = ChunkedTensor((self.batch_size,), 1, torch.bool, self.device, self.chunk_size)
+            self._mask.append(flags)
 
     def checkpoint(self) -> MemoryCheckpoint:
         """References to the stored chunks and their fills (no copy; see the interface).
@@ -189,13 +189,13 @@ class ExactBackend(MemoryBackend):
         Entries are only ever appended after the fills, reordering makes new chunks and ``reset``
         new storage or new flags, so the chunks referenced keep the entries of the checkpoint.
         """
-        marks = tuple(store.mark() for store in (self._keys, self._values, self._valid))
+        marks = tuple(store.mark() for store in (self._keys, self._values, self._mask))
         return MemoryCheckpoint(self, (self.batch_size, marks))
 
     def rollback(self, checkpoint: MemoryCheckpoint) -> None:
         self._check_checkpoint(checkpoint)
         batch_size, marks = checkpoint.state
-        for store, mark in zip((self._keys, self._values, self._valid), marks, strict=True):
+        for store, mark in zip((self._keys, self._values, self._mask), marks, strict=True):
             store.restore(mark)
         self.batch_size = batch_size
 
@@ -205,27 +205,27 @@ class ExactBackend(MemoryBackend):
 
     @property
     def nbytes(self) -> int:
-        return self._keys.nbytes + self._values.nbytes + self._valid.nbytes
+        return self._keys.nbytes + self._values.nbytes + self._mask.nbytes
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All stored entries: keys [B, H, M, d], values [B, H, M, d] (mem_dtype), valid [B, M] bool."""
+        """All stored entries: keys [B, H, M, d], values [B, H, M, d] (mem_dtype), mask [B, M] bool."""
         return self._keys.full(), self._values.full(), self.entry_mask()
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict:
-        keys, values, valid = self.keys_values()
+        keys, values, mask = self.keys_values()
         return {
             "config": {**self.config(), "chunk_size": self.chunk_size},
             "keys": compact(keys.cpu()),
             "values": compact(values.cpu()),
-            "valid": compact(valid.cpu()),
+            "valid": compact(mask.cpu()),
         }
 
     @classmethod
     def from_state(cls, state: dict, device: str | torch.device | None = None) -> ExactBackend:
         cfg = dict(state["config"])
         new = cls(**cfg, device=device or "cpu")
-        keys, values, valid = state["keys"], state["values"], state["valid"]
+        keys, values, mask = state["keys"], state["values"], state["valid"]
         want = (new.batch_size, new.num_heads, keys.shape[2], new.head_dim)
         for name, t in (("keys", keys), ("values", values)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -233,10 +233,10 @@ class ExactBackend(MemoryBackend):
             if tuple(t.shape) != want:
                 raise ValueError(f"saved {name} have shape {list(t.shape)}, expected {list(want)}")
             check_tensor_fits(t, f"saved {name}", new.mem_dtype)
-        if tuple(valid.shape) != (new.batch_size, keys.shape[2]) or valid.dtype != torch.bool:
-            raise ValueError(f"saved valid mask has shape {list(valid.shape)} / {valid.dtype}")
+        if tuple(mask.shape) != (new.batch_size, keys.shape[2]) or mask.dtype != torch.bool:
+            raise ValueError(f"saved valid mask has shape {list(mask.shape)} / {mask.dtype}")
         if keys.shape[2]:
             new._keys.append(keys.to(new.device, new.mem_dtype))
             new._values.append(values.to(new.device, new.mem_dtype))
-            new._valid.append(valid.to(new.device).unsqueeze(-1))
+            new._mask.append(mask.to(new.device).unsqueeze(-1))
         return new

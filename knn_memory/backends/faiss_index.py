@@ -259,8 +259,8 @@ class FaissBackend(MemoryBackend):
         for b in range(self.batch_size):
             kb, vb = keys[b], values[b]  # [H, n, d]
             if mask is not None and not bool(mask[b].all()):
-                real = mask[b]
-                kb, vb = kb[:, real], vb[:, real]
+                row_mask = mask[b]
+                kb, vb = kb[:, row_mask], vb[:, row_mask]
             if kb.shape[1] == 0:
                 continue
             self._values[b].append(vb)
