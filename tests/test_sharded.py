@@ -313,3 +313,11 @@ def test_passkey_cli_under_torchrun_answers_as_one_process(tmp_path):
         rows[name] = json.loads(lines[0])
     assert rows["two"]["output"] == rows["one"]["output"] and rows["two"]["correct"]
     assert abs(rows["two"]["answer_prob"] - rows["one"]["answer_prob"]) < 1e-5
+
+
+def test_search_knobs_reach_the_slice():
+    mem = sw.build("sharded", inner="faiss", index="IVF4,Flat", top_k=2)
+    mem.set_search_params(nprobe=3)
+    assert mem.shard.index_options["nprobe"] == 3 and mem.config()["nprobe"] == 3
+    with pytest.raises(ValueError, match="has no search knobs"):
+        sw.build("sharded").set_search_params(nprobe=3)

@@ -32,7 +32,9 @@ top-k, the others as empty slots); it is a collective in ``"global"`` mode, as `
 rank's (:meth:`nbytes_per_rank` gathers all). A memory saved on ``w`` ranks loads on ``w`` ranks only.
 Every rank must build the same memory (backend, options, geometry, world size); a mismatch is refused
 when the memory is built, and a rank that dies or hangs ends the others within ``timeout`` seconds.
-Sharded memory is for inference: gradients do not cross ranks.
+Sharded memory is for inference: gradients do not cross ranks. Collectives run in call order, so each
+rank drives its memory from one thread (a search from a second thread at the same time could pair its
+collectives with another search's on the other rank).
 """
 
 from __future__ import annotations
@@ -192,6 +194,13 @@ class ShardedBackend(MemoryBackend):
 
     def merge_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.group.all_reduce_sum(t.contiguous())
+
+    def set_search_params(self, **knobs: int | None) -> None:
+        """The slice's search knobs (e.g. ``nprobe``), where its backend has them; every rank alike."""
+        setter = getattr(self.shard, "set_search_params", None)
+        if setter is None:
+            raise ValueError(f"the {self.inner!r} backend of the slices has no search knobs")
+        setter(**knobs)
 
     def nbytes_per_rank(self) -> list[int]:
         """Bytes held by each rank's slice, in rank order (a collective: every rank must call it)."""
