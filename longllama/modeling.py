@@ -20,6 +20,9 @@ How one call runs (upstream LongLLaMA's semantics, see ``split_windows``):
   relative to the oldest local key. Memory keys are never rotated (position 0), queries always are.
 * Every layer calls ``knn_memory.memory_attention`` (memory layers pass their memory backend): one softmax
   over [local keys ; memory entries], upstream's numerics.
+* A call may pass a ``memory_override`` (:class:`MemoryOverride`): its memory layers then attend to the
+  memory it builds from each window's own keys and values instead of the cache's, and no window enters
+  memory. FoT training uses it to let every window of a batch attend to other windows of the batch.
 
 The memory and the local cache live in a :class:`~longllama.cache.LongLlamaCache`, returned as
 ``past_key_values`` (``cache`` in transformers 5).
@@ -30,7 +33,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -47,9 +50,6 @@ from longllama.cache import LongLlamaCache, add_to_memory, create_memory
 from longllama.configuration import LongLlamaConfig
 from longllama.rope import RotaryTable, apply_rotary, relative_positions
 from longllama.windows import split_windows
-
-if TYPE_CHECKING:
-    from longllama.crossbatch import CrossBatchPlan
 
 logger = logging.get_logger(__name__)
 
@@ -88,6 +88,29 @@ class LongLlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class MemoryOverride(Protocol):
+    """The memory a memory layer attends to in one forward call instead of the cache's.
+
+    Called once per memory layer and window, after the layer has projected the window. FoT training passes
+    one that builds, for every row of the batch, a dense memory of the other rows it may see.
+    """
+
+    def __call__(
+        self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor, mem_dtype: str
+    ) -> knn_memory.MemoryBackend:
+        """The memory for one memory layer.
+
+        Args:
+            keys: [B, H, n, d] the window's un-rotated keys in this layer; values: [B, H, n, d].
+            real: [B, n] bool, True for the window's real (non-padding) tokens.
+            mem_dtype: the config's ``mem_dtype``, the storage dtype memories use.
+
+        Returns:
+            a backend with batch size B; the layer searches it and adds nothing to it.
+        """
+        ...
+
+
 @dataclass
 class WindowContext:
     """What every layer needs to process one window of ``n`` new tokens after ``past`` cached ones.
@@ -100,8 +123,8 @@ class WindowContext:
         memory_after_attention: a no-local-cache window: its keys/values enter memory after attention.
         real: [B, n] bool, True for real (non-padding) new tokens; the memory mask of entries added after
             attention.
-        crossbatch: FoT training only: memory layers attend to the batch's own windows listed in this plan
-            (see :mod:`longllama.crossbatch`) instead of the cache's memory.
+        memory_override: None, or what builds the memory each memory layer attends to instead of the cache's
+            (see :class:`MemoryOverride`).
     """
 
     attention_mask: torch.Tensor
@@ -111,7 +134,7 @@ class WindowContext:
     use_cache: bool
     memory_after_attention: bool
     real: torch.Tensor
-    crossbatch: CrossBatchPlan | None = None
+    memory_override: MemoryOverride | None = None
 
 
 class LongLlamaAttention(nn.Module):
@@ -160,8 +183,8 @@ class LongLlamaAttention(nn.Module):
             keys = apply_rotary(keys, window.cos, window.sin)
 
         memory = layer_cache.memory if self.is_memory_layer else None
-        if self.is_memory_layer and window.crossbatch is not None:
-            memory = window.crossbatch.memory(k, v, window.real, self.mem_dtype)
+        if self.is_memory_layer and window.memory_override is not None:
+            memory = window.memory_override(k, v, window.real, self.mem_dtype)
         out = knn_memory.memory_attention(
             q, keys, values, window.attention_mask, memory, grouping=self.grouping, use_sdpa=self.use_sdpa
         )  # [B, H, n, d]
@@ -288,6 +311,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         last_context_length: int | None = None,
         cache: LongLlamaCache | None = None,
         hidden_to_keep: int = 0,
+        memory_override: MemoryOverride | None = None,
         **kwargs: object,
     ) -> BaseModelOutputWithPast | tuple:
         """Run an input of any length, window by window.
@@ -307,6 +331,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             hidden_to_keep: if > 0, return only the last this many positions of ``last_hidden_state``
                 (``generate()`` needs one); a long prefill then holds one window's hidden states, not
                 [B, n, D].
+            memory_override: memory layers attend to the memory this builds from each window's keys and
+                values instead of the cache's, and no window enters memory (:class:`MemoryOverride`; FoT
+                training's hook). None: the cache's memory, as always.
             **kwargs: ignored; what ``generate()`` passes to every model (e.g. ``tokenizer`` with
                 ``stop_strings``), accepted as transformers' LLaMA does.
 
@@ -344,6 +371,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             B, n, _ = inputs_embeds.shape
         if not isinstance(hidden_to_keep, int) or isinstance(hidden_to_keep, bool) or hidden_to_keep < 0:
             raise ValueError(f"hidden_to_keep must be an int >= 0, got {hidden_to_keep!r}")
+        if memory_override is not None and not callable(memory_override):
+            raise TypeError(
+                "memory_override must be None or a callable (keys, values, real, mem_dtype) -> MemoryBackend, "
+                f"got {type(memory_override).__name__}"
+            )
         device = weight.device if inputs_embeds is None else inputs_embeds.device
         if n == 0:
             raise ValueError("the input is empty (0 tokens)")
@@ -382,6 +414,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 state,
                 window_use_cache,
                 output_hidden_states,
+                memory_override,
             )
             hidden_parts.append(hidden)
             layer_parts.append(layers)
@@ -444,6 +477,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         state: LongLlamaCache,
         use_cache: bool,
         output_hidden_states: bool,
+        memory_override: MemoryOverride | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One window of n tokens.
 
@@ -454,6 +488,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             state: the cache, updated in place.
             use_cache: keep the window in the local cache (else, memory layers add it to memory).
             output_hidden_states: collect the input of every layer and the normed output.
+            memory_override: see :class:`MemoryOverride`; with one, the window does not enter memory.
 
         Returns:
             normed hidden states [B, n, D], and the per-layer hidden states if asked (else []).
@@ -474,8 +509,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             sin=sin,
             cache=state,
             use_cache=use_cache,
-            memory_after_attention=not use_cache,
+            # an overriding memory belongs to this call: the window enters neither it nor the cache's memory
+            memory_after_attention=not use_cache and memory_override is None,
             real=real[:, local:],
+            memory_override=memory_override,
         )
 
         hidden_states = inputs_embeds
@@ -550,6 +587,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         last_context_length: int | None = None,
         cache: LongLlamaCache | None = None,
         logits_to_keep: int = 0,
+        memory_override: MemoryOverride | None = None,
         **kwargs: object,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits of every position of an input of any length (see :meth:`LongLlamaModel.forward`).
@@ -590,6 +628,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             cache=cache,
             # logits of the last positions only: a long prefill then never holds [B, n, D] hidden states
             hidden_to_keep=logits_to_keep if labels is None and not output_hidden_states else 0,
+            memory_override=memory_override,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:

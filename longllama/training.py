@@ -33,12 +33,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from knn_memory.validate import check_float, check_int
-from longllama.cache import LongLlamaCache
 from longllama.cli_args import BadArguments, OneLineParser, check_writable_dir, error_exit
 from longllama.configuration import LongLlamaConfig
 from longllama.crossbatch import CrossBatchPlan, make_plan, parse_mix
-from longllama.modeling import LongLlamaForCausalLM, WindowContext, build_attention_mask
-from longllama.rope import relative_positions
+from longllama.modeling import LongLlamaForCausalLM
 from longllama.tokenizer import SAVED_TOKENIZER_FILE, load_tokenizer
 from longllama.tokenizer_training import train_tokenizer
 from longllama.training_data import encode_document, make_document
@@ -200,29 +198,25 @@ def crossbatch_logits(
 ) -> torch.Tensor:
     """Logits [R, W, V] of R windows run side by side, memory layers attending to ``plan``'s sources.
 
-    Each row is a no-local-cache window (positions 0..W-1, causal + padding mask), exactly as a prefix
-    window at inference; nothing is stored anywhere.
+    Args:
+        input_ids: [R, W] one window per row (W = ``max_position_embeddings``).
+        real: [R, W] bool, True for real tokens (padding at the end of a document's last window).
+        plan: the crossbatch plan of the R rows.
+
+    Each row is one no-local-cache window (positions 0..W-1, causal + padding mask), exactly as a prefix
+    window at inference; the model's own forward runs it, its memory layers attending to
+    ``plan.memory`` (the model's ``memory_override`` hook); nothing is stored anywhere.
     """
-    R, W = input_ids.shape
-    inner = model.model
-    hidden = inner.embed_tokens(input_ids)  # [R, W, D]
-    positions = torch.arange(W, device=input_ids.device).expand(R, W)
-    cos, sin = inner.rope.lookup(relative_positions(positions), hidden.dtype)
-    state = LongLlamaCache(model.config)
-    state.prepare(R, hidden.device)
-    window = WindowContext(
-        attention_mask=build_attention_mask(real, W, hidden.dtype),
-        cos=cos,
-        sin=sin,
-        cache=state,
+    W = input_ids.shape[1]
+    out = model(
+        input_ids,
+        attention_mask=real.long(),
         use_cache=False,
-        memory_after_attention=False,
-        real=real,
-        crossbatch=plan,
+        last_context_length=W,
+        memory_override=plan.memory,
+        return_dict=True,
     )
-    for layer in inner.layers:
-        hidden = layer(hidden, window)
-    return model.lm_head(inner.norm(hidden))
+    return out.logits
 
 
 def batch_loss(

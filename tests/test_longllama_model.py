@@ -207,6 +207,31 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(longllama_conf
 
 
 @torch.no_grad()
+def test_memory_override_replaces_the_memory_it_is_given_for(longllama_config):
+    """A ``memory_override`` is attended to instead of the cache's memory, in every memory layer in order,
+    and nothing enters any memory (FoT training's hook)."""
+    model = build(longllama_config(mem_layers=[0, 2]))
+    a, b = random_ids(2, 16, seed=1), random_ids(2, 16, seed=2)
+    one_window = dict(use_cache=False, last_context_length=16)
+    reference = model(b, cache=model(a, **one_window).cache, **one_window).logits  # b sees a through memory
+    given = model(a, **one_window).cache
+    memories = iter([given.memory(0), given.memory(2)])
+    calls = []
+
+    def override(keys, values, real, mem_dtype):
+        calls.append((tuple(keys.shape), tuple(values.shape), tuple(real.shape), mem_dtype))
+        return next(memories)
+
+    out = model(b, memory_override=override, **one_window)
+    torch.testing.assert_close(out.logits, reference, rtol=0, atol=0)
+    assert calls == [((2, 2, 16, 16), (2, 2, 16, 16), (2, 16), "float32")] * 2
+    assert given.memory_lengths() == [16, 0, 16]  # the given memories were only searched
+    assert out.cache.memory_lengths() == [0, 0, 0]  # and b entered no memory
+    with pytest.raises(TypeError, match="memory_override must be None or a callable"):
+        model(b, memory_override="exact")
+
+
+@torch.no_grad()
 def test_bare_model_hidden_states(longllama_config):
     torch.manual_seed(0)
     model = LongLlamaModel(longllama_config()).eval()
