@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # the main job: passkey retrieval on the embedded model, exact dense memory vs Faiss top-k (exact Flat,
 # and the auto index, which is exact up to 8192 keys per head, so its 16k runs search its IVF)
 demo: setup
-	$(PY) -m longllama.passkey_cli --lengths 4k,16k --seeds 3 --backend exact --backend faiss:Flat \
+	$(PY) -m longllama.tools.passkey_cli --lengths 4k,16k --seeds 3 --backend exact --backend faiss:Flat \
 		--backend faiss:auto --top-k 32 --threads 1 --out passkey_results
 
 test: setup

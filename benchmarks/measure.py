@@ -24,12 +24,14 @@ from __future__ import annotations
 import math
 import re
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# PeakRSS lives in longllama (the passkey tool measures with it too); the benchmarks import it from here
+from longllama.tools.peak_rss import PeakRSS as PeakRSS
 
 FAISS_QUERY_BLOCK = 4096  # faiss exhaustive search: queries per BLAS block
 FAISS_SEQ_BELOW = 20  # faiss exhaustive search: fewer queries than this take the sequential path
@@ -197,43 +199,5 @@ def build_flop(spec: str | None, n_keys: int, head_dim: int, heads: int, train_p
 
 
 # ---------------------------------------------------------------------------------------------- memory
-class PeakRSS:
-    """Peak resident set size of this process while the block runs, sampled every ``interval_s``.
-
-    ``peak_bytes`` is the largest RSS seen; ``delta_bytes`` the rise over the RSS at entry.
-    """
-
-    def __init__(self, interval_s: float = 0.005) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.interval_s = interval_s
-        self.start_bytes = 0
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakRSS:
-        self.start_bytes = self.peak_bytes = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
-
-    @property
-    def delta_bytes(self) -> int:
-        return self.peak_bytes - self.start_bytes
-
-
 def dtype_bytes(mem_dtype: str) -> int:
     return torch.empty(0, dtype=getattr(torch, mem_dtype)).element_size()

@@ -239,3 +239,17 @@ def test_plot_of_runs_all_correct(tmp_path):
     assert rows[0]["accuracy"] == 1.0 and rows[0]["ci95"][1] < 1.0
     plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_peak_rss_sees_a_rise_inside_the_block():
+    from longllama.tools.peak_rss import PeakRSS
+
+    with PeakRSS(interval_s=0.001) as rss:
+        block = bytearray(64 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
+        del block
+    assert rss.peak_bytes >= rss.start_bytes > 0 and rss.peak == rss.peak_bytes
+    assert rss.delta_bytes == rss.peak_bytes - rss.start_bytes
+    for bad in (0, -1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="interval_s"):
+            PeakRSS(interval_s=bad)

@@ -1,7 +1,7 @@
 """The passkey experiment as lm-evaluation-harness tasks (``pip install "knn-memory[eval]"``).
 
 ``passkey/`` in this folder holds two task configs whose documents this module generates locally, with
-the prompts of :mod:`longllama.passkey` (no download):
+the prompts of :mod:`longllama.tools.passkey` (no download):
 
 * ``longllama_passkey``: greedy generation; ``exact_match`` is 1 when the answer comes first in the
   generated text (as ``longllama-passkey`` scores a run), ``number_match`` when the whole leading number
@@ -66,7 +66,7 @@ def passkey_documents(
     Returns dicts with ``input`` (the prompt text, without BOS; it ends with "The pass key is"),
     ``answer`` (the pass key, digits), ``n_tokens`` (the prompt's tokens with BOS), ``length`` and ``seed``.
     """
-    from longllama.passkey import make_prompt
+    from longllama.tools.passkey import make_prompt
 
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
