@@ -132,8 +132,9 @@ def _merged_partials(
     hits = memory.search(query.to(memory.device), k=top_k, heads=heads)
     mem = torch.clamp_min(hits.scores.to(query.device, query.dtype) / inv_scale, floor).float()
     local = scores.float()
-    top = local.amax(-1)  # [B, h, q]: the local window is never empty (a query sees itself)
-    mem_max = mem.amax(-1) if mem.shape[-1] else torch.full_like(top, -math.inf)
+    empty = torch.full(local.shape[:-1], -math.inf, dtype=torch.float32, device=local.device)
+    top = local.amax(-1) if local.shape[-1] else empty  # [B, h, q]
+    mem_max = mem.amax(-1) if mem.shape[-1] else empty
     top = torch.maximum(top, memory.merge_max(mem_max.to(memory.device)).to(query.device))
     p_mem = torch.exp(mem - top.unsqueeze(-1))
     del mem

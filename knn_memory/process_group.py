@@ -19,6 +19,7 @@ payload of the sharded memory's communication (what a ring all-reduce puts on th
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections import Counter
 from datetime import timedelta
@@ -31,6 +32,14 @@ from knn_memory.validate import check_float
 #: the variables torchrun sets for every rank
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT = 300.0
+
+
+def _destroy_group() -> None:
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001  at exit, or with the group broken: nothing left to report to
+        pass
 
 
 class ShardGroupError(RuntimeError):
@@ -90,6 +99,9 @@ class ShardGroup:
                 backend=backend, init_method="env://", timeout=timedelta(seconds=self.timeout)
             )
             self.initialised_here = True
+            # release the group before the interpreter tears down its threads (a group still alive then,
+            # with a peer already gone, aborts the process at exit)
+            atexit.register(_destroy_group)
         else:
             self.rank, self.world_size, self.backend = 0, 1, None
             return
@@ -124,11 +136,7 @@ class ShardGroup:
     def _abandon(self) -> None:
         """After a failed collective the group is broken: release it, so that this process can report the
         error and exit (a group left with a pending operation aborts the interpreter at exit)."""
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:
-            pass
+        _destroy_group()
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """Elementwise max of ``t`` over the ranks, in place (returns ``t``)."""

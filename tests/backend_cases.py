@@ -63,6 +63,11 @@ OPTIONS: dict[str, list[tuple[str, dict, bool]]] = {
         ("auto", {"index": "auto", "top_k": 4, **AUTO_SMALL}, False),
     ],
     "capture": [("dense", {}, True)],
+    # one process: the whole memory is one slice, and the partial-state merge must give exact numbers
+    "sharded": [
+        ("exact", {"inner": "exact"}, True),
+        ("Flat-global", {"inner": "faiss", "index": "Flat", "top_k": 4, "mode": "global"}, True),
+    ],
 }
 
 
