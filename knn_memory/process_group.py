@@ -38,7 +38,7 @@ def _destroy_group() -> None:
     try:
         if dist.is_initialized():
             dist.destroy_process_group()
-    except Exception:  # noqa: BLE001  at exit, or with the group broken: nothing left to report to
+    except Exception:  # at exit, or with the group broken: nothing left to report to
         pass
 
 

@@ -180,15 +180,15 @@ class LongLlamaCache(Cache):
                 layer.memory = create_memory(config, batch_size=batch_size, device=mem_device)
         self._batch_size = batch_size
 
-    def flush_local_into_memory(self, real: torch.Tensor) -> None:
+    def flush_local_into_memory(self, mask: torch.Tensor) -> None:
         """Move the whole local cache into memory (memory layers) or drop it (other layers).
 
         Args:
-            real: [B, local] bool, True where the cached token is a real token (False: padding).
+            mask: [B, local] bool, True where the cached token is a real token (False: padding).
         """
         for layer in self.layers:
             if layer.memory is not None and layer.keys is not None:
-                add_to_memory(layer.memory, layer.keys, layer.values, real)
+                add_to_memory(layer.memory, layer.keys, layer.values, mask)
             layer.clear_local()
         self.positions = None
 

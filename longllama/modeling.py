@@ -96,13 +96,13 @@ class MemoryOverride(Protocol):
     """
 
     def __call__(
-        self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor, mem_dtype: str
+        self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, mem_dtype: str
     ) -> knn_memory.MemoryBackend:
         """The memory for one memory layer.
 
         Args:
             keys: [B, H, n, d] the window's un-rotated keys in this layer; values: [B, H, n, d].
-            real: [B, n] bool, True for the window's real (non-padding) tokens.
+            mask: [B, n] bool, True for the window's real (non-padding) tokens.
             mem_dtype: the config's ``mem_dtype``, the storage dtype memories use.
 
         Returns:
@@ -121,7 +121,7 @@ class WindowContext:
         cache: the sequence state (local caches and memories).
         use_cache: keep the window's keys/values in the local cache.
         memory_after_attention: a no-local-cache window: its keys/values enter memory after attention.
-        real: [B, n] bool, True for real (non-padding) new tokens; the memory mask of entries added after
+        mask: [B, n] bool, True for real (non-padding) new tokens; the memory mask of entries added after
             attention.
         memory_override: None, or what builds the memory each memory layer attends to instead of the cache's
             (see :class:`MemoryOverride`).
@@ -133,7 +133,7 @@ class WindowContext:
     cache: LongLlamaCache
     use_cache: bool
     memory_after_attention: bool
-    real: torch.Tensor
+    mask: torch.Tensor
     memory_override: MemoryOverride | None = None
 
 
@@ -184,13 +184,13 @@ class LongLlamaAttention(nn.Module):
 
         memory = layer_cache.memory if self.is_memory_layer else None
         if self.is_memory_layer and window.memory_override is not None:
-            memory = window.memory_override(k, v, window.real, self.mem_dtype)
+            memory = window.memory_override(k, v, window.mask, self.mem_dtype)
         out = knn_memory.memory_attention(
             q, keys, values, window.attention_mask, memory, grouping=self.grouping, use_sdpa=self.use_sdpa
         )  # [B, H, n, d]
 
         if memory is not None and window.memory_after_attention:
-            add_to_memory(memory, k, v, window.real)
+            add_to_memory(memory, k, v, window.mask)
 
         return self.o_proj(out.transpose(1, 2).reshape(B, n, D))
 
@@ -238,11 +238,11 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         """
 
 
-def build_attention_mask(real: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask of ``query_length`` new tokens over ``real.shape[1]`` local keys (the new ones last).
+def build_attention_mask(mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask of ``query_length`` new tokens over ``mask.shape[1]`` local keys (the new ones last).
 
     Args:
-        real: [B, k] bool, True for real tokens, over the local window (cached + new).
+        mask: [B, k] bool, True for real tokens, over the local window (cached + new).
         query_length: n, the number of new tokens (the last n of the window).
         dtype: the activation dtype.
 
@@ -250,19 +250,19 @@ def build_attention_mask(real: torch.Tensor, query_length: int, dtype: torch.dty
         [B, 1, n, k]: ``finfo.min`` on padding keys plus ``finfo.min`` on future keys (causal, only when
         n > 1), 0 elsewhere; a key that is both sums to ``-inf``, which attention clamps as upstream does.
     """
-    B, k = real.shape
+    B, k = mask.shape
     past = k - query_length
     min_value = torch.finfo(dtype).min
-    padding = torch.zeros(B, 1, 1, k, dtype=dtype, device=real.device).masked_fill(
-        ~real[:, None, None, :], min_value
+    padding = torch.zeros(B, 1, 1, k, dtype=dtype, device=mask.device).masked_fill(
+        ~mask[:, None, None, :], min_value
     )
-    mask = padding.expand(B, 1, query_length, k)
+    additive = padding.expand(B, 1, query_length, k)
     if query_length > 1:
-        future = torch.ones(query_length, query_length, dtype=torch.bool, device=real.device).triu(1)
-        causal = torch.zeros(query_length, k, dtype=dtype, device=real.device)
+        future = torch.ones(query_length, query_length, dtype=torch.bool, device=mask.device).triu(1)
+        causal = torch.zeros(query_length, k, dtype=dtype, device=mask.device)
         causal[:, past:] = causal[:, past:].masked_fill(future, min_value)
-        mask = mask + causal  # [B, 1, n, k]
-    return mask
+        additive = additive + causal  # [B, 1, n, k]
+    return additive
 
 
 class LongLlamaModel(LongLlamaPreTrainedModel):
@@ -373,7 +373,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             raise ValueError(f"hidden_to_keep must be an int >= 0, got {hidden_to_keep!r}")
         if memory_override is not None and not callable(memory_override):
             raise TypeError(
-                "memory_override must be None or a callable (keys, values, real, mem_dtype) -> MemoryBackend, "
+                "memory_override must be None or a callable (keys, values, mask, mem_dtype) -> MemoryBackend, "
                 f"got {type(memory_override).__name__}"
             )
         device = weight.device if inputs_embeds is None else inputs_embeds.device
@@ -391,7 +391,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         past = state.local_length
 
         position_ids = self._position_ids(position_ids, state, B, n, device)
-        real = real_token_mask(attention_mask, B, past + n, device)  # [B, past + n]
+        mask = real_token_mask(attention_mask, B, past + n, device)  # [B, past + n]
 
         hidden_parts: list[torch.Tensor] = []
         layer_parts: list[list[torch.Tensor]] = []
@@ -401,7 +401,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             final = end == n
             # a prefix window keeps a local cache only if one already exists (upstream)
             window_use_cache = use_cache if (final or local > 0) else False
-            window_real = real[:, past + begin - local : past + end]
+            window_mask = mask[:, past + begin - local : past + end]
             window_embeds = (
                 self.embed_tokens(input_ids[:, begin:end])
                 if inputs_embeds is None
@@ -409,7 +409,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             )
             hidden, layers = self._forward_window(
                 window_embeds,
-                window_real,
+                window_mask,
                 position_ids[:, begin:end],
                 state,
                 window_use_cache,
@@ -472,7 +472,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     def _forward_window(
         self,
         inputs_embeds: torch.Tensor,
-        real: torch.Tensor,
+        mask: torch.Tensor,
         position_ids: torch.Tensor,
         state: LongLlamaCache,
         use_cache: bool,
@@ -483,7 +483,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
 
         Args:
             inputs_embeds: [B, n, D].
-            real: [B, local + n] bool over the current local cache and the window.
+            mask: [B, local + n] bool over the current local cache and the window.
             position_ids: [B, n] absolute positions of the window.
             state: the cache, updated in place.
             use_cache: keep the window in the local cache (else, memory layers add it to memory).
@@ -497,21 +497,21 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         local = state.local_length
         if local > 0 and local + n > self.config.max_position_embeddings:
             # overflow: the whole previous local cache goes to memory before this window's attention
-            state.flush_local_into_memory(real[:, :local])
-            real = real[:, local:]
+            state.flush_local_into_memory(mask[:, :local])
+            mask = mask[:, local:]
             local = 0
         # positions of the whole local window [B, local + n]; RoPE uses them relative to the oldest key
         positions = torch.cat([state.positions, position_ids], dim=1) if local > 0 else position_ids
         cos, sin = self.rope.lookup(relative_positions(positions), inputs_embeds.dtype)  # [B, 1, local+n, d]
         window = WindowContext(
-            attention_mask=build_attention_mask(real, n, inputs_embeds.dtype),
+            attention_mask=build_attention_mask(mask, n, inputs_embeds.dtype),
             cos=cos,
             sin=sin,
             cache=state,
             use_cache=use_cache,
             # an overriding memory belongs to this call: the window enters neither it nor the cache's memory
             memory_after_attention=not use_cache and memory_override is None,
-            real=real[:, local:],
+            mask=mask[:, local:],
             memory_override=memory_override,
         )
 
@@ -834,13 +834,13 @@ def real_token_mask(
         )
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be 2-D [B, local + n], got shape {list(attention_mask.shape)}")
-    mask = attention_mask[:, -length:]
-    if tuple(mask.shape) != (B, length):
+    given = attention_mask[:, -length:]
+    if tuple(given.shape) != (B, length):
         raise ValueError(
             f"attention_mask must cover the local cache and the input: expected at least [B={B}, {length}] "
             f"columns, got shape {list(attention_mask.shape)}"
         )
-    return (mask == 1).to(device)
+    return (given == 1).to(device)
 
 
 def check_memory_settings(config: LongLlamaConfig) -> None:

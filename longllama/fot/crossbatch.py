@@ -38,13 +38,13 @@ class CrossBatchPlan:
     window_of_row: torch.Tensor
 
     def memory(
-        self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor, mem_dtype: str | torch.dtype
+        self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, mem_dtype: str | torch.dtype
     ) -> knn_memory.MemoryBackend:
         """A dense memory per row built from this layer's own keys and values of the batch.
 
         Args:
             keys: [R, H, W, d] un-rotated keys of every row; values: [R, H, W, d].
-            real: [R, W] bool, True for real tokens.
+            mask: [R, W] bool, True for real tokens.
 
         Returns:
             an ``"exact"`` backend with batch R whose row r holds the windows ``sources[r]`` (gradients
@@ -56,12 +56,12 @@ class CrossBatchPlan:
         take = src.clamp_min(0)
         mem_k = keys[take].permute(0, 2, 1, 3, 4).reshape(R, H, S * W, d)  # [R, H, S*W, d]
         mem_v = values[take].permute(0, 2, 1, 3, 4).reshape(R, H, S * W, d)
-        mask = ((src >= 0)[:, :, None] & real[take]).reshape(R, S * W)  # [R, S*W]
+        entries = ((src >= 0)[:, :, None] & mask[take]).reshape(R, S * W)  # [R, S*W]
         mem = knn_memory.create_backend(
             "exact", num_heads=H, head_dim=d, batch_size=R, mem_dtype=mem_dtype, device=keys.device
         )
         if S:
-            mem.add(mem_k, mem_v, mask)
+            mem.add(mem_k, mem_v, entries)
         return mem
 
 

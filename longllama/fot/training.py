@@ -133,7 +133,7 @@ class Batch:
     """One training batch, windows as rows."""
 
     input_ids: torch.Tensor  # [R, W]
-    real: torch.Tensor  # [R, W] bool
+    mask: torch.Tensor  # [R, W] bool
     targets: torch.Tensor  # [R, W] next token (-100 where none)
     answer: torch.Tensor  # [R, W] bool: the target is an answer token
     plan: CrossBatchPlan
@@ -169,24 +169,24 @@ def make_batch(cfg: TrainConfig, tokenizer, step: int) -> Batch:
             continue
         docs.append(out)
     rows: list[tuple[int, int]] = []
-    ids, real, targets, answer = [], [], [], []
+    ids, mask, targets, answer = [], [], [], []
     for j, (tokens, ans_mask) in enumerate(docs):
         n = len(tokens)
         for w in range(math.ceil(n / W)):
             lo, hi = w * W, min((w + 1) * W, n)
             row_ids = tokens[lo:hi] + [0] * (W - (hi - lo))
-            row_real = [True] * (hi - lo) + [False] * (W - (hi - lo))
+            row_mask = [True] * (hi - lo) + [False] * (W - (hi - lo))
             nxt = [tokens[t + 1] if t + 1 < n else -100 for t in range(lo, hi)] + [-100] * (W - (hi - lo))
             ans = [ans_mask[t + 1] if t + 1 < n else False for t in range(lo, hi)] + [False] * (W - (hi - lo))
             rows.append((j, w))
             ids.append(row_ids)
-            real.append(row_real)
+            mask.append(row_mask)
             targets.append(nxt)
             answer.append(ans)
     plan = make_plan(rows, parse_mix(cfg.mix), rng)
     return Batch(
         input_ids=torch.tensor(ids),
-        real=torch.tensor(real),
+        mask=torch.tensor(mask),
         targets=torch.tensor(targets),
         answer=torch.tensor(answer),
         plan=plan,
@@ -194,13 +194,13 @@ def make_batch(cfg: TrainConfig, tokenizer, step: int) -> Batch:
 
 
 def crossbatch_logits(
-    model: LongLlamaForCausalLM, input_ids: torch.Tensor, real: torch.Tensor, plan: CrossBatchPlan
+    model: LongLlamaForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor, plan: CrossBatchPlan
 ) -> torch.Tensor:
     """Logits [R, W, V] of R windows run side by side, memory layers attending to ``plan``'s sources.
 
     Args:
         input_ids: [R, W] one window per row (W = ``max_position_embeddings``).
-        real: [R, W] bool, True for real tokens (padding at the end of a document's last window).
+        mask: [R, W] bool, True for real tokens (padding at the end of a document's last window).
         plan: the crossbatch plan of the R rows.
 
     Each row is one no-local-cache window (positions 0..W-1, causal + padding mask), exactly as a prefix
@@ -210,7 +210,7 @@ def crossbatch_logits(
     W = input_ids.shape[1]
     out = model(
         input_ids,
-        attention_mask=real.long(),
+        attention_mask=mask.long(),
         use_cache=False,
         last_context_length=W,
         memory_override=plan.memory,
@@ -223,7 +223,7 @@ def batch_loss(
     model: LongLlamaForCausalLM, batch: Batch, answer_weight: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of a batch and its metrics (LM loss, answer loss, answer-token accuracy)."""
-    logits = crossbatch_logits(model, batch.input_ids, batch.real, batch.plan)  # [R, W, V]
+    logits = crossbatch_logits(model, batch.input_ids, batch.mask, batch.plan)  # [R, W, V]
     V = logits.shape[-1]
     ce = F.cross_entropy(logits.reshape(-1, V).float(), batch.targets.reshape(-1), reduction="none")
     ce = ce.view_as(batch.targets.float())
@@ -333,9 +333,9 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optim.step()
-        tokens += int(batch.real.sum())
+        tokens += int(batch.mask.sum())
         now = time.perf_counter()
-        metrics.update(step=step + 1, lr=_lr(cfg, step), seconds=now - t_last, tokens=int(batch.real.sum()))
+        metrics.update(step=step + 1, lr=_lr(cfg, step), seconds=now - t_last, tokens=int(batch.mask.sum()))
         log.append(metrics)
         bar.set_postfix(
             loss=f"{metrics['loss']:.3f}",
