@@ -17,6 +17,7 @@ from pathlib import Path
 
 from benchmarks.plots import flat_speedups, knob_label, main_rows, plot_all
 from benchmarks.results_io import DEFAULT_OUT, iter_points, read_rows
+from benchmarks.sharded import summary_table
 from benchmarks.sizes import format_size
 from knn_memory.cli import BadArguments, OneLineParser, check_writable_file, error_exit
 
@@ -658,6 +659,27 @@ def _phases_section(folder: Path) -> list[str]:
     return lines
 
 
+def _sharded_section(folder: Path) -> list[str]:
+    """One memory on 1 rank against the same memory over 2 (``benchmarks.sharded`` runs)."""
+    path = folder / "results.jsonl"
+    rows = read_rows(path) if path.is_file() else []
+    if not rows:
+        return []
+    return [
+        "## One memory over 1 and 2 ranks (`sharded`)",
+        "",
+        "`python -m benchmarks.sharded` starts each world size's ranks (gloo on this machine's CPU cores, one "
+        "thread each), reads one passkey prompt of the embedded model with the memory split over them, and "
+        "then times memory attention of a block of queries per memory layer against the filled memory. "
+        "*sent B per (query, head)* is what a rank handed to the collectives per query, head and memory "
+        "layer during the search step, beside the formula `4 + 4 (d + 1)` (`+ 4 k` in `global` mode): it "
+        "does not depend on the memory size. *sent during prefill* is the whole prefill's.",
+        "",
+        summary_table(rows),
+        "",
+    ]
+
+
 def _plots_section(readme: Path, plots: list[Path]) -> list[str]:
     if not plots:
         return []
@@ -710,6 +732,7 @@ def write_report(results: Path = DEFAULT_OUT, readme: Path = README) -> Path:
     lines += _memory_growth_section(results / "memory_growth", readme)
     lines += _policy_section(results / "policy_check")
     lines += _phases_section(results / "phases")
+    lines += _sharded_section(results / "sharded")
     lines += [METHOD, USAGE]
     readme.write_text("\n".join(lines).rstrip() + "\n")
     return readme
