@@ -37,6 +37,7 @@ from knn_memory.cli import (
     check_writable_dir,
     error_exit,
     parse_count,
+    parse_option,
 )
 from longllama.cli_args import parse_backend, parse_token_count, uses_top_k
 
@@ -55,16 +56,30 @@ def formula_bytes_per_query_head(head_dim: int, mode: str, k: int | None) -> int
     return 4 + 4 * (head_dim + 1) + gather
 
 
+OPS = ("all_reduce_max", "all_reduce_sum", "all_gather")
+ALLREDUCE_REPEATS = 5
+
+
+def _sent(memories) -> tuple[int, float]:
+    """Bytes handed to the attention collectives, and seconds spent in them, over ``memories``."""
+    return (
+        sum(m.group.sent_bytes[op] for m in memories for op in OPS),
+        sum(m.group.seconds[op] for m in memories for op in OPS),
+    )
+
+
 @torch.no_grad()
 def run_rank(args) -> dict | None:
     """One rank's measurements (rank 0 returns them; the others None)."""
     import knn_memory
     from knn_memory.process_group import ShardGroup
     from longllama import LongLlamaForCausalLM, embedded_model_path, load_tokenizer
-    from longllama.passkey import make_prompt, run_passkey
+    from longllama.tools.passkey import answer_probability, make_prompt
 
     knn_memory.set_threads(args.threads)
     fields = parse_backend(args.backend)
+    if args.index_option:
+        fields["mem_index_params"] = {**(fields.get("mem_index_params") or {}), **dict(args.index_option)}
     top_k = args.top_k if uses_top_k(fields) else None
     path = embedded_model_path()
     model = LongLlamaForCausalLM.from_pretrained(
@@ -72,71 +87,166 @@ def run_rank(args) -> dict | None:
     ).eval()
     tokenizer = load_tokenizer(path)
     prompt = make_prompt(tokenizer, args.length, args.seed)
+    ids = prompt.input_ids
     group = ShardGroup(torch.device("cpu"))
-    group.barrier()
-    result = run_passkey(model, tokenizer, prompt, label=args.backend)
-    group.barrier()
-    # the filled memory: prefill once more into a cache we keep (run_passkey's is gone)
+    # the prefill: every token but the last into the memory, timed between barriers
     group.barrier()
     start = time.perf_counter()
-    out = model(prompt.input_ids)
+    cache = model(ids[:, :-1]).cache
     group.barrier()
     prefill = time.perf_counter() - start
-    cache = out.cache
+    memories = [cache.memory(layer) for layer in cache.memory_layers]
+    sent_prefill, comm_prefill = _sent(memories)
+    per_rank = [sum(col) for col in zip(*(m.nbytes_per_rank() for m in memories), strict=True)]
+    entries = int(memories[0].lengths.max())
+    # the answer, generated from the filled memory
+    out = model.generate(
+        ids,
+        past_key_values=cache,
+        max_new_tokens=len(prompt.answer_ids),
+        min_new_tokens=len(prompt.answer_ids),
+        do_sample=False,
+        pad_token_id=model.config.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    generated = out.sequences[0, ids.shape[1] :].tolist()
+    # search throughput: memory attention of a block of queries against each layer's memory
     config = model.config
     H = config.num_attention_heads
     d = config.hidden_size // H
     g = torch.Generator().manual_seed(args.seed)
-    per_rank = [0] * group.world_size
-    sent_prefill = 0
+    before, before_s = _sent(memories)
     search_seconds = 0.0
-    sent_search = 0
-    for layer in cache.memory_layers:
-        mem = cache.memory(layer)
-        per_rank = [a + b for a, b in zip(per_rank, mem.nbytes_per_rank(), strict=True)]
-        sent_prefill += sum(
-            mem.group.sent_bytes[op] for op in ("all_reduce_max", "all_reduce_sum", "all_gather")
-        )
+    for mem in memories:
         q = torch.randn(1, H, args.queries, d, generator=g)
         local = torch.randn(1, H, 1, d, generator=g)
-        before = sum(mem.group.sent_bytes[op] for op in ("all_reduce_max", "all_reduce_sum", "all_gather"))
         group.barrier()
         start = time.perf_counter()
         for _ in range(args.repeats):
             knn_memory.memory_attention(q, local.expand(1, H, 1, d), local.expand(1, H, 1, d), memory=mem)
         group.barrier()
         search_seconds += time.perf_counter() - start
-        sent_search += (
-            sum(mem.group.sent_bytes[op] for op in ("all_reduce_max", "all_reduce_sum", "all_gather"))
-            - before
-        )
-    mem = cache.memory(cache.memory_layers[0])
-    pairs = len(cache.memory_layers) * args.repeats * args.queries * H
+    after, after_s = _sent(memories)
+    # this machine's all-reduce rate, alone: 16 MiB payload per rank, a few times
+    block = torch.ones(4 * 2**20)
+    group.barrier()
+    start = time.perf_counter()
+    for _ in range(ALLREDUCE_REPEATS):
+        group.all_reduce_sum(block)
+    allreduce_seconds = time.perf_counter() - start
+    pairs = len(memories) * args.repeats * args.queries * H
+    mem = memories[0]
     if group.rank != 0:
         return None
     return {
         "backend": args.backend,
+        "index_options": dict(args.index_option or []),
         "world_size": group.world_size,
         "threads_per_rank": args.threads,
         "length": prompt.length,
-        "correct": result.correct,
-        "answer_prob": result.answer_prob,
-        "passkey_seconds": result.seconds,
+        "correct": generated == prompt.answer_ids,
+        "answer_prob": answer_probability(out.logits, generated, prompt.answer_ids),
         "prefill_seconds": prefill,
         "prefill_tokens_per_s": prompt.length / prefill,
-        "search_queries_per_s": len(cache.memory_layers) * args.repeats * args.queries / search_seconds,
-        "memory_entries": int(mem.lengths.max()),
+        "prefill_comm_seconds": comm_prefill,
+        "search_queries_per_s": len(memories) * args.repeats * args.queries / search_seconds,
+        "search_comm_seconds": after_s - before_s,
+        "search_seconds": search_seconds,
+        "memory_entries": entries,
         "bytes_per_rank": per_rank,
         "bytes_total": sum(per_rank),
         "sent_bytes_prefill": int(sent_prefill),
-        "sent_bytes_per_query_head": sent_search / pairs,
+        "sent_bytes_per_query_head": (after - before) / pairs,
         "formula_bytes_per_query_head": formula_bytes_per_query_head(d, mem.mode, mem.top_k)
         if group.world_size > 1
         else 0,
+        "allreduce_bytes_per_s": ALLREDUCE_REPEATS * block.numel() * 4 / allreduce_seconds
+        if group.world_size > 1
+        else None,
         "mode": mem.mode,
         "top_k": mem.top_k,
         "head_dim": d,
+        "heads": H,
+        "memory_layers": len(memories),
     }
+
+
+#: LongLLaMA-3B's memory: 3 memory layers x 32 heads x head_dim 100, 2048-token windows, top-k 128
+MODEL_3B = {"memory_layers": 3, "heads": 32, "head_dim": 100, "window": 2048, "top_k": 128}
+#: nominal per-GPU link rates for the projection (bytes/s): not measured here (this machine has no GPU)
+NOMINAL_RATES = {"NVLink (H100/H200, ~400 GB/s per direction)": 400e9, "InfiniBand NDR (400 Gb/s)": 50e9}
+
+
+def projection(
+    tokens: list[int], world_size: int, measured_rate: float | None, model: dict = MODEL_3B
+) -> list[dict]:
+    """Communication of a prefill of ``tokens`` tokens over ``world_size`` ranks, from the formula.
+
+    Per token, memory layer and head each rank hands the collectives ``formula_bytes_per_query_head``;
+    a ring all-reduce moves ``2 (w - 1) / w`` times its payload over each rank's link, an all-gather
+    ``w - 1`` times. Times are wire bytes over each rate (the measured one: this machine's gloo payload
+    rate, waits included), and the collective count is what their latency multiplies.
+    """
+    rows = []
+    L, H, d, W, k = (model[x] for x in ("memory_layers", "heads", "head_dim", "window", "top_k"))
+    w = world_size
+    for mode in ("union", "global"):
+        reduce_payload = 4 + 4 * (d + 1)
+        gather_payload = 4 * k if mode == "global" else 0
+        for n in tokens:
+            pairs = n * L * H
+            payload = pairs * (reduce_payload + gather_payload)
+            wire = pairs * (reduce_payload * 2 * (w - 1) / w + gather_payload * (w - 1))
+            collectives = -(-n // W) * L * (3 if mode == "global" else 2)
+            row = {
+                "mode": mode,
+                "tokens": n,
+                "world_size": w,
+                "payload_bytes_per_rank": payload,
+                "wire_bytes_per_rank": wire,
+                "collectives": collectives,
+            }
+            rates = dict(NOMINAL_RATES)
+            if measured_rate:
+                rates["gloo all-reduce on this machine (measured)"] = measured_rate
+            row["seconds"] = {name: wire / rate for name, rate in rates.items()}
+            rows.append(row)
+    return rows
+
+
+def plot_projection(rows: list[dict], path: Path) -> Path:
+    """Wire bytes per rank and seconds at each rate against prefill tokens (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, style in (("union", "-"), ("global", "--")):
+        mine = [r for r in rows if r["mode"] == mode]
+        x = [r["tokens"] for r in mine]
+        left.plot(x, [r["wire_bytes_per_rank"] / 1e9 for r in mine], style, marker="o", label=mode)
+        for name in mine[0]["seconds"]:
+            right.plot(x, [r["seconds"][name] for r in mine], style, marker="o", label=f"{mode}, {name}")
+    left.set(xscale="log", yscale="log", xlabel="prefill tokens", ylabel="GB on each rank's link")
+    right.set(xscale="log", yscale="log", xlabel="prefill tokens", ylabel="seconds of communication")
+    w = rows[0]["world_size"]
+    left.set_title(f"LongLLaMA-3B memory over {w} ranks")
+    right.set_title("at each link rate")
+    left.legend(fontsize=8)
+    right.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def measured_rate(rows: list[dict]) -> float | None:
+    """This machine's all-reduce payload rate (bytes/s), the median over the multi-rank runs recorded."""
+    rates = sorted(r["allreduce_bytes_per_s"] for r in rows if r.get("allreduce_bytes_per_s"))
+    return rates[len(rates) // 2] if rates else None
 
 
 def _launch(args, world_size: int, timeout: float) -> dict:
@@ -176,16 +286,17 @@ def _launch(args, world_size: int, timeout: float) -> dict:
 def summary_table(rows: list[dict]) -> str:
     lines = [
         "| backend | ranks | threads/rank | tokens | correct | prefill s | prefill tok/s | search q/s | bytes per rank "
-        "(MiB) | sent B per (query, head): measured / formula | sent during prefill (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "(MiB) | sent B per (query, head): measured / formula | sent during prefill (MiB) | in collectives (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per_rank = " + ".join(f"{b / 2**20:.1f}" for b in r["bytes_per_rank"])
+        name = r["backend"] + "".join(f":{k}={v}" for k, v in (r.get("index_options") or {}).items())
         lines.append(
-            f"| {r['backend']} | {r['world_size']} | {r['threads_per_rank']} | {r['length']} | {r['correct']} | "
+            f"| {name} | {r['world_size']} | {r['threads_per_rank']} | {r['length']} | {r['correct']} | "
             f"{r['prefill_seconds']:.1f} | {r['prefill_tokens_per_s']:.0f} | {r['search_queries_per_s']:.0f} | "
             f"{per_rank} | {r['sent_bytes_per_query_head']:.1f} / {r['formula_bytes_per_query_head']} | "
-            f"{r['sent_bytes_prefill'] / 2**20:.1f} |"
+            f"{r['sent_bytes_prefill'] / 2**20:.1f} | {r.get('prefill_comm_seconds', 0):.1f} |"
         )
     return "\n".join(lines)
 
@@ -195,6 +306,14 @@ def _parser() -> OneLineParser:
     p.add_argument("--length", default="16k", help="prompt tokens, e.g. 16k, 64k (default 16k)")
     p.add_argument("--backend", default="sharded:faiss:auto", help="a sharded backend, e.g. sharded:exact")
     p.add_argument("--top-k", type=int, default=32)
+    p.add_argument(
+        "--index-option",
+        action="append",
+        default=None,
+        type=lambda t: parse_option(t, "--index-option"),
+        metavar="NAME=VALUE",
+        help="another option of the slices' index, e.g. max_nprobe=8 (repeatable)",
+    )
     p.add_argument("--ranks", default="1,2", help="world sizes to compare (default 1,2)")
     p.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
     p.add_argument("--queries", type=int, default=256, help="queries per search-throughput call")

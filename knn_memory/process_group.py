@@ -14,13 +14,15 @@ connection closes, and after ``timeout`` for a peer that stops answering).
 
 Each collective counts the bytes this rank hands to it (:attr:`ShardGroup.sent_bytes`, by operation), the
 payload of the sharded memory's communication (what a ring all-reduce puts on the wire is
-``2 (w - 1) / w`` times that).
+``2 (w - 1) / w`` times that), and the seconds spent in it (:attr:`ShardGroup.seconds`, waiting for the
+slowest rank included).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import time
 from collections import Counter
 from datetime import timedelta
 
@@ -87,6 +89,7 @@ class ShardGroup:
         self.device = device
         self.sent_bytes: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()  # wall time inside each kind of collective (waits included)
         if dist.is_available() and dist.is_initialized():
             self.initialised_here = False
         elif launched_by_torchrun():
@@ -123,6 +126,7 @@ class ShardGroup:
     def _run(self, op: str, fn, payload_bytes: int):
         self.calls[op] += 1
         self.sent_bytes[op] += payload_bytes
+        start = time.perf_counter()
         try:
             return fn()
         except (RuntimeError, ValueError) as err:  # gloo: connection closed / timed out; NCCL: watchdog
@@ -132,6 +136,8 @@ class ShardGroup:
                 f"sharded memory: {op} across {self.world_size} ranks failed on rank {self.rank} "
                 f"(a rank died, hung past timeout={self.timeout:g}s, or left the group): {reason}"
             ) from err
+        finally:
+            self.seconds[op] += time.perf_counter() - start
 
     def _abandon(self) -> None:
         """After a failed collective the group is broken: release it, so that this process can report the

@@ -299,3 +299,19 @@ def test_sharded_benchmark_one_against_two_ranks(tmp_path):
     )
     assert one["sent_bytes_prefill"] == 0 and two["sent_bytes_prefill"] > 0
     assert sharded.main(["--backend", "faiss:auto", "--out", str(tmp_path)]) == 2
+
+
+def test_sharded_projection_follows_the_formula():
+    from benchmarks.sharded import MODEL_3B, projection
+
+    rows = {(r["mode"], r["tokens"]): r for r in projection([2**20], 8, 1e9)}
+    pairs = 2**20 * MODEL_3B["memory_layers"] * MODEL_3B["heads"]
+    union, glob = rows[("union", 2**20)], rows[("global", 2**20)]
+    assert union["payload_bytes_per_rank"] == pairs * (4 + 4 * 101)
+    assert union["wire_bytes_per_rank"] == pytest.approx(pairs * 408 * 2 * 7 / 8)
+    assert glob["payload_bytes_per_rank"] == pairs * (408 + 4 * 128)
+    assert glob["wire_bytes_per_rank"] == pytest.approx(pairs * (408 * 2 * 7 / 8 + 512 * 7))
+    assert union["collectives"] == 512 * 3 * 2 and glob["collectives"] == 512 * 3 * 3
+    assert union["seconds"]["gloo all-reduce on this machine (measured)"] == pytest.approx(
+        union["wire_bytes_per_rank"] / 1e9
+    )
