@@ -57,7 +57,7 @@ from knn_memory.persistence import (
     save_backend,
     write_version,
 )
-from knn_memory.process_group import DEFAULT_TIMEOUT, ShardGroup
+from knn_memory.process_group import DEFAULT_TIMEOUT, ShardGroup, process_rank, process_world_size
 from knn_memory.registry import backend_class, create_backend, register_backend
 
 MODES = ("union", "global")
@@ -380,19 +380,15 @@ class ShardedBackend(MemoryBackend):
         rank's own when ``path`` is that rank's directory."""
         if "shard" in state:  # one rank's directory, loaded directly
             return cls.from_state(state, device=device)
-        probe = ShardGroup(
-            torch.device(device or "cpu"), float(state["config"].get("timeout", DEFAULT_TIMEOUT))
-        )
+        rank, world = process_rank(), process_world_size()
         saved_world = state.get("world_size")
-        if saved_world != probe.world_size:
+        if saved_world != world:
             raise ValueError(
                 f"path {path!r} holds a memory sharded over {saved_world} ranks, but this group has "
-                f"{probe.world_size}: load it with as many ranks (torchrun --nproc-per-node {saved_world})"
+                f"{world}: load it with as many ranks (torchrun --nproc-per-node {saved_world})"
             )
-        _, files = read_version(Path(path) / part_dir(probe.rank, probe.world_size), FORMAT)
+        _, files = read_version(Path(path) / part_dir(rank, world), FORMAT)
         mine = files.get("state.pt")
         if not isinstance(mine, dict) or "shard" not in mine:
-            raise ValueError(
-                f"path {path!r}: {part_dir(probe.rank, probe.world_size)} holds no sharded slice"
-            )
+            raise ValueError(f"path {path!r}: {part_dir(rank, world)} holds no sharded slice")
         return cls.from_state(mine, device=device)
