@@ -673,8 +673,9 @@ def _sharded_section(folder: Path, readme: Path) -> list[str]:
         if 1 in runs and 2 in runs:
             one, two = runs[1], runs[2]
             share = max(two["bytes_per_rank"]) / one["bytes_total"]
+            label = backend + ("" if options == "{}" else f" {options}")
             speedups.append(
-                f"* `{backend}` {options if options != '{}' else ''} at {format_size(length)} tokens: 2 ranks "
+                f"* `{label}` at {format_size(length)} tokens: 2 ranks "
                 f"search {two['search_queries_per_s'] / one['search_queries_per_s']:.2f}x as fast as 1 "
                 f"(target 1.6x), prefill {one['prefill_seconds'] / two['prefill_seconds']:.2f}x; the larger "
                 f"rank holds {100 * share:.0f}% of the memory."
