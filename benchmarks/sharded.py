@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -39,15 +38,10 @@ from knn_memory.cli import (
     parse_count,
     parse_option,
 )
+from knn_memory.process_group import free_port, local_rank_env
 from longllama.cli_args import parse_backend, parse_token_count, uses_top_k
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "sharded"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def formula_bytes_per_query_head(head_dim: int, mode: str, k: int | None) -> int:
@@ -250,18 +244,10 @@ def measured_rate(rows: list[dict]) -> float | None:
 
 
 def _launch(args, world_size: int, timeout: float) -> dict:
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world_size):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": str(args.threads),
-        }
+        env = {**os.environ, **local_rank_env(rank, world_size, port, args.threads)}
         given = sys.argv[1:] if args.argv is None else args.argv
         argv = [sys.executable, "-m", "benchmarks.sharded", "--child", *given]
         procs.append(

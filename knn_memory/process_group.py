@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import time
 from collections import Counter
 from datetime import timedelta
@@ -51,6 +52,26 @@ class ShardGroupError(RuntimeError):
 def launched_by_torchrun() -> bool:
     """True when the environment holds torchrun's rendezvous variables."""
     return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a group started on this machine (``MASTER_PORT``)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def local_rank_env(rank: int, world_size: int, port: int, threads: int = 1) -> dict[str, str]:
+    """The environment torchrun gives rank ``rank`` of ``world_size`` processes on this machine, for
+    starting the ranks by hand (tests, benchmarks), with ``threads`` OpenMP threads each."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": str(threads),
+    }
 
 
 def process_rank() -> int:

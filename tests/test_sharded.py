@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,34 +17,20 @@ import pytest
 import torch
 
 import knn_memory
+from knn_memory.process_group import free_port, local_rank_env
 from tests import shard_worker as sw
 from tests.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(scenario: str, out: Path, world_size: int = 2, timeout: float = 240, env: dict | None = None):
     """Start ``world_size`` ranks of the worker; return their exit codes and wall time."""
-    port = _free_port()
+    port = free_port()
     procs = []
     start = time.monotonic()
     for rank in range(world_size):
-        rank_env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            **(env or {}),
-        }
+        rank_env = {**os.environ, **local_rank_env(rank, world_size, port), **(env or {})}
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "tests.shard_worker", scenario, str(out)],
@@ -275,7 +260,7 @@ def test_passkey_cli_under_torchrun_answers_as_one_process(tmp_path):
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "longllama.passkey_cli",
     ]
