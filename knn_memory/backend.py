@@ -202,12 +202,6 @@ class MemoryBackend(abc.ABC):
         """The part of :meth:`config` that a saved memory and the model loading it must agree on."""
         return {k: v for k, v in self.config().items() if k not in self.FREE_OPTIONS}
 
-    @classmethod
-    def from_saved(cls, state: dict, path: str, device: str | torch.device | None = None) -> MemoryBackend:
-        """Rebuild a memory that :meth:`save` wrote to ``path`` from the state read there (default:
-        :meth:`from_state`; a backend whose memory spans several directories reads them from ``path``)."""
-        return cls.from_state(state, device=device)
-
     # ------------------------------------------------------------------ shared behaviour
     def __getstate__(self) -> dict:
         """For copy / deepcopy: everything but the lock (a copy gets its own)."""

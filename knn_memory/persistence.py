@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from knn_memory.backend import MemoryBackend
+from knn_memory.process_group import process_rank, process_world_size
 from knn_memory.registry import backend_class
 
 FORMAT = "knn-memory/backend"
@@ -54,6 +55,7 @@ _VERSION_NAME = re.compile(r"v-[0-9a-f]{12}")
 #: a memory saved in parts (one per process, e.g. ``"sharded"``): ``path/manifest`` is a saved memory that
 #: names the backend and its parts, each part a saved memory of its own beside it
 PARTS_MANIFEST = "manifest"
+PARTS_FILE = "manifest.pt"
 
 
 def part_dir(rank: int, world_size: int) -> str:
@@ -65,6 +67,53 @@ def saved_in_parts(root: str | os.PathLike) -> bool:
     """True when ``root`` holds a memory saved in parts (a ``manifest/`` and no ``CURRENT`` of its own)."""
     root = Path(root)
     return not (root / CURRENT).exists() and (root / PARTS_MANIFEST / CURRENT).exists()
+
+
+def write_parts(
+    root: str | os.PathLike,
+    files: dict[str, object | Callable[[], object]],
+    meta: dict,
+    *,
+    rank: int,
+    world_size: int,
+    barrier: Callable[[], None],
+) -> Path:
+    """Save one part of a memory spread over ``world_size`` processes; every process calls it with the same
+    ``root`` (on a file system they share).
+
+    Each writes its ``files`` as a saved memory of its own in ``root/rank-<r>-of-<w>`` (atomic, as
+    :func:`write_version`); once every part is written (``barrier``), rank 0 writes ``root/manifest``,
+    which names the world size and the parts. Returns this process's version folder.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"path {str(root)!r} exists and is not a directory")
+    if (root / CURRENT).exists():
+        raise ValueError(
+            f"path {str(root)!r} holds a memory saved by one process; save one in parts elsewhere"
+        )
+    part = write_version(root / part_dir(rank, world_size), files, meta)
+    barrier()
+    if rank == 0:
+        manifest = {"world_size": world_size, "parts": [part_dir(r, world_size) for r in range(world_size)]}
+        write_version(root / PARTS_MANIFEST, {PARTS_FILE: manifest}, {**meta, "world_size": world_size})
+    barrier()
+    return part
+
+
+def own_part(root: str | os.PathLike, expect_format: str) -> Path:
+    """This process's part of a memory saved by :func:`write_parts`: ``ValueError`` when the manifest's
+    world size is not this process group's (a part means nothing without the others)."""
+    root = Path(root)
+    _, files = read_version(root / PARTS_MANIFEST, expect_format)
+    saved = (files.get(PARTS_FILE) or {}).get("world_size")
+    rank, world = process_rank(), process_world_size()
+    if saved != world:
+        raise ValueError(
+            f"memory at {str(root)!r} was saved by {saved} ranks, but this group has {world}: load it with "
+            f"as many ranks (torchrun --nproc-per-node {saved})"
+        )
+    return root / part_dir(rank, world)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -328,35 +377,37 @@ def _read(root: Path, name: str, expect_format: str) -> tuple[dict, dict[str, ob
     return meta, loaded
 
 
-def save_backend(backend: MemoryBackend, path: str | os.PathLike) -> Path:
-    """Save ``backend`` to directory ``path`` (atomic, checksummed). Returns the version folder."""
+def backend_meta(backend: MemoryBackend) -> dict:
+    """The ``meta.json`` description of a saved backend."""
     if not isinstance(backend, MemoryBackend):
         raise TypeError(f"backend must be a MemoryBackend, got {type(backend).__name__}")
-    meta = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "backend": backend.name,
         "config": backend.config(),
     }
+
+
+def save_backend(backend: MemoryBackend, path: str | os.PathLike) -> Path:
+    """Save ``backend`` to directory ``path`` (atomic, checksummed). Returns the version folder."""
+    meta = backend_meta(backend)  # checks the type first
     return write_version(path, {"state.pt": backend.state}, meta)
 
 
 def load_backend(path: str | os.PathLike, device: str | torch.device | None = None) -> MemoryBackend:
     """Load a backend saved by :meth:`MemoryBackend.save`, verifying format, version and checksums.
 
-    A memory saved in parts (``path/manifest``, see :data:`PARTS_MANIFEST`) is read through its manifest:
-    the backend named there loads this process's part (:meth:`MemoryBackend.from_saved`)."""
-    root = Path(path)
-    if saved_in_parts(root):
-        meta, files = read_version(root / PARTS_MANIFEST, FORMAT)
-    else:
-        meta, files = read_version(path, FORMAT)
+    A memory saved in parts (:func:`write_parts`, e.g. a ``"sharded"`` one) loads this process's part."""
+    if saved_in_parts(path):
+        path = own_part(path, FORMAT)
+    meta, files = read_version(path, FORMAT)
     cls = backend_class(meta.get("backend"))
     state = files.get("state.pt")
     if not isinstance(state, dict) or "config" not in state:
         raise ValueError(f"path {str(path)!r}: state.pt does not hold a backend state")
     try:
-        return cls.from_saved(state, str(path), device=device)
+        return cls.from_state(state, device=device)
     except (KeyError, TypeError, IndexError, AttributeError) as err:
         raise ValueError(
             f"path {str(path)!r}: saved state does not match backend {cls.name!r} ({err})"

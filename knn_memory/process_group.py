@@ -109,10 +109,9 @@ class ShardGroup:
         self.timeout = check_float(timeout, "timeout", 0.0, 7 * 24 * 3600.0, low_open=True)
         self.device = device
         self.sent_bytes: Counter[str] = Counter()
-        self.calls: Counter[str] = Counter()
         self.seconds: Counter[str] = Counter()  # wall time inside each kind of collective (waits included)
         if dist.is_available() and dist.is_initialized():
-            self.initialised_here = False
+            pass  # the caller's group, as it is
         elif launched_by_torchrun():
             if not dist.is_available():
                 raise RuntimeError("torchrun launched this process, but this torch has no torch.distributed")
@@ -122,7 +121,6 @@ class ShardGroup:
             dist.init_process_group(
                 backend=backend, init_method="env://", timeout=timedelta(seconds=self.timeout)
             )
-            self.initialised_here = True
             # release the group before the interpreter tears down its threads (a group still alive then,
             # with a peer already gone, aborts the process at exit)
             atexit.register(_destroy_group)
@@ -145,7 +143,6 @@ class ShardGroup:
 
     # ------------------------------------------------------------------ collectives
     def _run(self, op: str, fn, payload_bytes: int):
-        self.calls[op] += 1
         self.sent_bytes[op] += payload_bytes
         start = time.perf_counter()
         try:

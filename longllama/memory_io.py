@@ -45,15 +45,13 @@ from torch import nn
 import knn_memory
 from knn_memory.persistence import (
     CACHE_FORMAT,
-    CURRENT,
     FORMAT_VERSION,
-    PARTS_MANIFEST,
-    part_dir,
+    own_part,
     read_version,
     saved_in_parts,
+    write_parts,
     write_version,
 )
-from knn_memory.process_group import process_rank, process_world_size
 from knn_memory.storage import compact
 from knn_memory.validate import check_tensor_fits
 from longllama.cache import LongLlamaCache, create_memory
@@ -61,7 +59,6 @@ from longllama.configuration import LongLlamaConfig
 
 FORMAT = CACHE_FORMAT
 CACHE_FILE = "cache.pt"
-MANIFEST_FILE = "manifest.pt"
 
 # Config fields that shape the keys and values in a cache: they must be equal to load it.
 MODEL_FIELDS = (
@@ -208,20 +205,9 @@ def save_memory(
     sharded = [m for m in (cache.memory(i) for i in memory_layers) if getattr(m, "SHARDED", False)]
     if not sharded:
         return write_version(path, files, meta)
-    # a memory spread over processes: every rank writes its own cache as one part, then rank 0 the manifest
-    group, rank, world = sharded[0].group, sharded[0].rank, sharded[0].world_size
-    root = Path(path)
-    if (root / CURRENT).exists():
-        raise ValueError(
-            f"path {str(root)!r} holds a memory saved by one process; save a sharded one elsewhere"
-        )
-    part = write_version(root / part_dir(rank, world), files, meta)
-    group.barrier()
-    if rank == 0:
-        manifest = {"world_size": world, "parts": [part_dir(r, world) for r in range(world)]}
-        write_version(root / PARTS_MANIFEST, {MANIFEST_FILE: manifest}, {**meta, "world_size": world})
-    group.barrier()
-    return part
+    # a memory spread over processes: every rank writes its own cache as one part
+    mem = sharded[0]
+    return write_parts(path, files, meta, rank=mem.rank, world_size=mem.world_size, barrier=mem.group.barrier)
 
 
 def _check_config(saved: dict, config: LongLlamaConfig, path: object) -> None:
@@ -304,15 +290,7 @@ def load_memory(
         raise TypeError(f"config must be a LongLlamaConfig, got {type(config).__name__}")
     device = torch.device("cpu") if device is None else torch.device(device)
     if saved_in_parts(path):  # saved by every rank of a sharded memory: this process reads its own part
-        _, parts = read_version(Path(path) / PARTS_MANIFEST, FORMAT)
-        saved_world = (parts.get(MANIFEST_FILE) or {}).get("world_size")
-        rank, world = process_rank(), process_world_size()
-        if saved_world != world:
-            raise ValueError(
-                f"memory at {str(path)!r} was saved by {saved_world} ranks, but this group has {world}: load it "
-                f"with as many ranks (torchrun --nproc-per-node {saved_world})"
-            )
-        path = Path(path) / part_dir(rank, world)
+        path = own_part(path, FORMAT)
     _, files = read_version(path, FORMAT)
     state = files.get(CACHE_FILE)
     keys = ("config", "fingerprint", "dtype", "batch_size", "seen_tokens", "positions", "local", "backends")

@@ -147,7 +147,7 @@ def test_save_load_in_the_same_group_and_refused_with_another_world_size(ranks):
     for r in range(2):
         torch.testing.assert_close(results[r]["saved/loaded_attention"], results[r]["saved/attention"])
     assert (out / "saved" / "rank-0-of-2").is_dir() and (out / "saved" / "manifest").is_dir()
-    with pytest.raises(ValueError, match="sharded over 2 ranks, but this group has 1"):
+    with pytest.raises(ValueError, match="was saved by 2 ranks, but this group has 1"):
         knn_memory.load_backend(out / "saved")
 
 

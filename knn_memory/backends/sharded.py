@@ -42,22 +42,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
-from knn_memory.persistence import (
-    FORMAT,
-    FORMAT_VERSION,
-    PARTS_MANIFEST,
-    part_dir,
-    read_version,
-    save_backend,
-    write_version,
-)
-from knn_memory.process_group import DEFAULT_TIMEOUT, ShardGroup, process_rank, process_world_size
+from knn_memory.persistence import backend_meta, write_parts
+from knn_memory.process_group import DEFAULT_TIMEOUT, ShardGroup
 from knn_memory.registry import backend_class, create_backend, register_backend
 
 MODES = ("union", "global")
@@ -112,7 +103,6 @@ class ShardedBackend(MemoryBackend):
         self.mode = mode
         if index is not None:
             inner_options["index"] = index
-        self.inner_options = inner_options
         # the slice first: a bad inner option fails here, on every rank alike, before any collective
         self.shard = create_backend(
             inner,
@@ -131,9 +121,9 @@ class ShardedBackend(MemoryBackend):
         self._reset_bookkeeping()
 
     def _reset_bookkeeping(self) -> None:
-        self._adds = 0  # windows added so far (all ranks): the next goes to rank adds % world_size
         self._total = torch.zeros(self.batch_size, dtype=torch.int64)  # real entries per row, all ranks
-        self._windows: list[tuple[int, torch.Tensor]] = []  # (owner rank, real entries per row) per add
+        # (owner rank, real entries per row) per add, every rank's: the next window goes to rank len % world
+        self._windows: list[tuple[int, torch.Tensor]] = []
 
     def _check_same_memory_on_every_rank(self) -> None:
         mine = {"world_size": self.world_size, "batch_size": self.batch_size, **self.matching_config()}
@@ -210,7 +200,7 @@ class ShardedBackend(MemoryBackend):
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Append one window: it goes whole to the next rank in turn; every rank counts its entries."""
         mask = self._check_add(keys, values, mask)
-        owner = self._adds % self.world_size
+        owner = len(self._windows) % self.world_size
         counts = (
             torch.full((self.batch_size,), keys.shape[2], dtype=torch.int64)
             if mask is None
@@ -218,7 +208,6 @@ class ShardedBackend(MemoryBackend):
         )
         if owner == self.rank:
             self.shard.add(keys, values, mask)
-        self._adds += 1
         self._total += counts
         self._windows.append((owner, counts))
 
@@ -278,13 +267,12 @@ class ShardedBackend(MemoryBackend):
     def checkpoint(self) -> MemoryCheckpoint:
         """The slice's own checkpoint (which survives reorders), with the window bookkeeping."""
         windows = [(owner, counts.clone()) for owner, counts in self._windows]
-        return MemoryCheckpoint(self, (self.shard.checkpoint(), self._adds, self._total.clone(), windows))
+        return MemoryCheckpoint(self, (self.shard.checkpoint(), self._total.clone(), windows))
 
     def rollback(self, checkpoint: MemoryCheckpoint) -> None:
         self._check_checkpoint(checkpoint)
-        inner, adds, total, windows = checkpoint.state
+        inner, total, windows = checkpoint.state
         self.shard.rollback(inner)
-        self._adds = adds
         self._total = total.clone()
         self._windows = [(owner, counts.clone()) for owner, counts in windows]
         self.batch_size = self.shard.batch_size
@@ -317,7 +305,6 @@ class ShardedBackend(MemoryBackend):
             "rank": self.rank,
             "world_size": self.world_size,
             "shard": self.shard.state(),
-            "adds": self._adds,
             "total": self._total.clone(),
             "windows": [(owner, counts.clone()) for owner, counts in self._windows],
         }
@@ -341,7 +328,6 @@ class ShardedBackend(MemoryBackend):
         ):
             raise ValueError("saved slice does not have the geometry of its sharded memory's config")
         new.shard = shard
-        new._adds = int(state["adds"])
         new._total = state["total"].to(torch.int64).clone()
         new._windows = [(int(owner), counts.to(torch.int64).clone()) for owner, counts in state["windows"]]
         if len(new._total) != new.batch_size or any(len(c) != new.batch_size for _, c in new._windows):
@@ -349,46 +335,13 @@ class ShardedBackend(MemoryBackend):
         return new
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write this memory to directory ``path`` (every rank calls it with the same path, on a file system
-        they share): each rank its slice in ``path/rank-<r>-of-<w>``, then rank 0 the manifest in
-        ``path/manifest``, once every slice is written. Each part is written atomically."""
-        root = Path(path)
-        if root.exists() and not root.is_dir():
-            raise ValueError(f"path {str(root)!r} exists and is not a directory")
-        root.mkdir(parents=True, exist_ok=True)
-        save_backend(self, root / part_dir(self.rank, self.world_size))
-        self.group.barrier()
-        if self.rank == 0:
-            manifest = {
-                "config": self.config(),
-                "world_size": self.world_size,
-                "shards": [part_dir(r, self.world_size) for r in range(self.world_size)],
-            }
-            meta = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "backend": self.name,
-                "config": self.config(),
-                "world_size": self.world_size,
-            }
-            write_version(root / PARTS_MANIFEST, {"state.pt": manifest}, meta)
-        self.group.barrier()
-
-    @classmethod
-    def from_saved(cls, state: dict, path: str, device: str | torch.device | None = None) -> ShardedBackend:
-        """Load this rank's slice of a memory saved by :meth:`save`: ``state`` is the manifest's, or a
-        rank's own when ``path`` is that rank's directory."""
-        if "shard" in state:  # one rank's directory, loaded directly
-            return cls.from_state(state, device=device)
-        rank, world = process_rank(), process_world_size()
-        saved_world = state.get("world_size")
-        if saved_world != world:
-            raise ValueError(
-                f"path {path!r} holds a memory sharded over {saved_world} ranks, but this group has "
-                f"{world}: load it with as many ranks (torchrun --nproc-per-node {saved_world})"
-            )
-        _, files = read_version(Path(path) / part_dir(rank, world), FORMAT)
-        mine = files.get("state.pt")
-        if not isinstance(mine, dict) or "shard" not in mine:
-            raise ValueError(f"path {path!r}: {part_dir(rank, world)} holds no sharded slice")
-        return cls.from_state(mine, device=device)
+        """Write this memory to directory ``path``: every rank calls it with the same path, on a file system
+        they share; each rank's state is one part (:func:`knn_memory.persistence.write_parts`)."""
+        write_parts(
+            path,
+            {"state.pt": self.state},
+            backend_meta(self),
+            rank=self.rank,
+            world_size=self.world_size,
+            barrier=self.group.barrier,
+        )
