@@ -10,7 +10,7 @@ time:
 * **model forward**: everything outside the memory: embeddings, projections, RoPE, MLPs, norms, the
   local part of attention;
 * **attention over hits**: the one softmax over [local ; retrieved] and the weighted values;
-* **search**: the exact phase (``faiss.knn`` over the key store), the box-bound list ranking, the Faiss
+* **search**: the exact phase (matmul and top-k over the key store), the box-bound list ranking, the Faiss
   list scan;
 * **value gather**: fetching the k values of every query from the chunked value store;
 * **key add**: assignment to lists, codes, bounds, values appended;

@@ -30,6 +30,8 @@ import faiss
 import numpy as np
 import torch
 
+from indexes.select import top_k
+
 _SQ_TYPES = {torch.bfloat16: "QT_bf16", torch.float16: "QT_fp16"}
 ASSIGN_BLOCK = 65536
 EMPTY = 1e30  # placeholder bound of an empty list (finite: no inf * 0 in the bound's matmul)
@@ -171,7 +173,7 @@ class BoundedIVF:
     def rank_lists(self, q: torch.Tensor, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``nprobe`` lists of highest bound for each query ``q`` [m, d]: (bounds, lists) [m, nprobe]."""
         bound = torch.cat([torch.clamp_min(q, 0), torch.clamp_max(q, 0)], dim=1) @ self.bounds.T  # [m, L]
-        return torch.topk(bound, min(nprobe, self.nlist), dim=1)
+        return top_k(bound, nprobe)
 
     def _scan(
         self, q: np.ndarray, k: int, lists: torch.Tensor, bounds: torch.Tensor

@@ -1,0 +1,89 @@
+"""`indexes.select.top_k` against `torch.topk` on every path (heap, partition, whole row)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from indexes.select import MIN_K, PARTITION_RANGE, top_k
+
+
+def _check(scores: torch.Tensor, k: int) -> None:
+    values, pos = top_k(scores, k)
+    kk = min(k, scores.shape[1])
+    want = torch.topk(scores, kk, dim=1).values
+    assert values.shape == pos.shape == (scores.shape[0], kk)
+    assert pos.dtype == torch.int64 and values.dtype == scores.dtype
+    torch.testing.assert_close(values, want, rtol=0, atol=0)  # the same k values, best first
+    torch.testing.assert_close(torch.gather(scores, 1, pos), values, rtol=0, atol=0)  # positions match
+    assert all(len(set(row)) == kk for row in pos.tolist())  # no position twice
+
+
+@pytest.mark.parametrize(
+    "n, k",
+    [
+        (PARTITION_RANGE[0] * MIN_K, MIN_K),  # partition, both ends of its range
+        (PARTITION_RANGE[1] * 32, 32),
+        (4096, 32),
+        (PARTITION_RANGE[1] * 32 + 1, 32),  # torch.topk: too many scores, too small k, too few
+        (1024, 8),
+        (100, 99),
+        (50, 50),
+        (10, 32),
+        (1, 1),
+    ],
+)
+def test_top_k_equals_torch_topk(n, k):
+    g = torch.Generator().manual_seed(n * 31 + k)
+    _check(torch.randn(17, n, generator=g), k)
+
+
+def test_top_k_with_ties_and_infinities():
+    scores = torch.tensor(
+        [[1.0, 3.0, 3.0, -float("inf"), 2.0, 3.0], [0.0] * 6, [float("inf"), 1, 2, 3, 4, 5]]
+    )
+    _check(scores, 4)
+    values, pos = top_k(scores, 4)
+    assert sorted(pos[0].tolist()[:3]) == [1, 2, 5]  # the three tied best, in some order
+    assert values[2, 0] == float("inf") and pos[2, 0] == 0
+
+
+def test_top_k_of_no_rows():
+    values, pos = top_k(torch.empty(0, 100), 5)
+    assert values.shape == pos.shape == (0, 5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 6),
+    n=st.integers(1, 1200),
+    k=st.integers(1, 80),
+    integers=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_top_k_property(m, n, k, integers, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(m, n, generator=g)
+    if integers:  # many ties
+        scores = torch.randint(-3, 3, (m, n), generator=g).float()
+    _check(scores, k)
+
+
+@pytest.mark.parametrize("limit", [0, None])  # 0: every block through faiss.knn; None: matmul + top_k
+def test_store_exact_search_both_paths(monkeypatch, limit):
+    import indexes.streaming as streaming
+    from indexes import StreamingIndex
+
+    if limit is not None:
+        monkeypatch.setattr(streaming, "SELECT_SCORES", limit)
+    monkeypatch.setattr(streaming, "EXACT_BLOCK", 1000)  # several blocks: the merge runs too
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2500, 16, generator=g)
+    q = torch.randn(40, 16, generator=g)
+    index = StreamingIndex(16, "Flat", store_dtype=torch.bfloat16)
+    index.add(keys)
+    scores, ids = index.search(q, 24)
+    stored = keys.to(torch.bfloat16).float()
+    want = torch.topk(q @ stored.T, 24, dim=1).values
+    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((q[:, None, :] * stored[ids]).sum(-1), scores, rtol=1e-5, atol=1e-5)
