@@ -5,7 +5,10 @@
 For each world size the script starts that many ranks of itself (``RANK``/``WORLD_SIZE`` set as torchrun
 does, gloo on CPU, ``--threads`` each). Every rank reads the same passkey prompt into the embedded model
 with the sharded memory (the prefill, timed between barriers), answers it, then times memory attention of
-``--queries`` queries per memory layer against the filled memory (search throughput). Rank 0 records:
+``--queries`` queries per memory layer against the filled memory (search throughput). With ``--fill
+synthetic`` no model runs: the memories (the embedded model's geometry) are filled window by window with
+synthetic keys and values, and only search is timed; that is how a dense slice is measured at 1M tokens,
+whose prefill would take hours. Rank 0 records:
 
 * prefill seconds and tokens/s, and the answer (the same on every world size);
 * search: queries per second through :func:`knn_memory.memory_attention` (search, merge, values);
@@ -39,6 +42,7 @@ from knn_memory.cli import (
     parse_option,
 )
 from knn_memory.process_group import free_port, local_rank_env
+from knn_memory.synthetic import SOURCES, make_memory
 from longllama.cli_args import parse_backend, parse_token_count, uses_top_k
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "sharded"
@@ -62,19 +66,30 @@ def _sent(memories) -> tuple[int, float]:
     )
 
 
-@torch.no_grad()
-def run_rank(args) -> dict | None:
-    """One rank's measurements (rank 0 returns them; the others None)."""
+def _search_throughput(memories, queries, args, group) -> float:
+    """Seconds for ``args.repeats`` memory-attention calls per memory layer, timed between barriers.
+
+    ``queries``: one [1, H, q, d] block per memory layer; the local window is one token."""
     import knn_memory
-    from knn_memory.process_group import ShardGroup
+
+    seconds = 0.0
+    for mem, q in zip(memories, queries, strict=True):
+        H, d = q.shape[1], q.shape[3]
+        local = q[:, :, :1].clone()
+        group.barrier()
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            knn_memory.memory_attention(q, local.expand(1, H, 1, d), local.expand(1, H, 1, d), memory=mem)
+        group.barrier()
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+def _model_fill(args, fields: dict, top_k: int | None, group) -> tuple[list, list, dict]:
+    """The memories of one passkey prompt's prefill, random query blocks, and the prefill's record."""
     from longllama import LongLlamaForCausalLM, embedded_model_path, load_tokenizer
     from longllama.tools.passkey import answer_probability, make_prompt
 
-    knn_memory.set_threads(args.threads)
-    fields = parse_backend(args.backend)
-    if args.index_option:
-        fields["mem_index_params"] = {**(fields.get("mem_index_params") or {}), **dict(args.index_option)}
-    top_k = args.top_k if uses_top_k(fields) else None
     path = embedded_model_path()
     model = LongLlamaForCausalLM.from_pretrained(
         path, torch_dtype=torch.float32, mem_top_k=top_k, **fields
@@ -82,7 +97,6 @@ def run_rank(args) -> dict | None:
     tokenizer = load_tokenizer(path)
     prompt = make_prompt(tokenizer, args.length, args.seed)
     ids = prompt.input_ids
-    group = ShardGroup(torch.device("cpu"))
     # the prefill: every token but the last into the memory, timed between barriers
     group.barrier()
     start = time.perf_counter()
@@ -91,8 +105,6 @@ def run_rank(args) -> dict | None:
     prefill = time.perf_counter() - start
     memories = [cache.memory(layer) for layer in cache.memory_layers]
     sent_prefill, comm_prefill = _sent(memories)
-    per_rank = [sum(col) for col in zip(*(m.nbytes_per_rank() for m in memories), strict=True)]
-    entries = int(memories[0].lengths.max())
     # the answer, generated from the filled memory
     out = model.generate(
         ids,
@@ -105,22 +117,89 @@ def run_rank(args) -> dict | None:
         output_logits=True,
     )
     generated = out.sequences[0, ids.shape[1] :].tolist()
-    # search throughput: memory attention of a block of queries against each layer's memory
     config = model.config
     H = config.num_attention_heads
     d = config.hidden_size // H
     g = torch.Generator().manual_seed(args.seed)
+    queries = [torch.randn(1, H, args.queries, d, generator=g) for _ in memories]
+    record = {
+        "fill": "model",
+        "length": prompt.length,
+        "correct": generated == prompt.answer_ids,
+        "answer_prob": answer_probability(out.logits, generated, prompt.answer_ids),
+        "prefill_seconds": prefill,
+        "prefill_tokens_per_s": prompt.length / prefill,
+        "prefill_comm_seconds": comm_prefill,
+        "sent_bytes_prefill": int(sent_prefill),
+    }
+    return memories, queries, record
+
+
+def _synthetic_fill(args, fields: dict, top_k: int | None, group) -> tuple[list, list, dict]:
+    """Memories of the embedded model's geometry filled window by window with synthetic keys and values
+    (:func:`knn_memory.synthetic.make_memory`, ``args.source``), and that source's queries.
+
+    No model runs: this measures search over a memory whose prefill would take too long with a dense
+    inner backend (``sharded:exact`` at 1M tokens). Every rank draws the same keys (the same seed) and
+    the memory stripes the windows over the ranks as in a prefill."""
+    from longllama import LongLlamaConfig, embedded_model_path
+    from longllama.cache import create_memory
+
+    config = LongLlamaConfig.from_pretrained(embedded_model_path(), mem_top_k=top_k, **fields)
+    H = config.num_attention_heads
+    d = config.hidden_size // H
+    window = config.max_position_embeddings
+    memories, queries = [], []
+    start = time.perf_counter()
+    for i, _layer in enumerate(config.mem_layers):
+        mem = create_memory(config, 1, torch.device("cpu"))
+        keys, values, q = make_memory(
+            args.source,
+            num_heads=H,
+            head_dim=d,
+            n_keys=args.length,
+            n_queries=args.queries,
+            seed=args.seed + i,
+        )
+        for begin in range(0, args.length, window):
+            mem.add(keys[:, :, begin : begin + window], values[:, :, begin : begin + window])
+        del keys, values
+        memories.append(mem)
+        queries.append(q)
+    group.barrier()
+    record = {
+        "fill": f"synthetic:{args.source}",
+        "length": args.length,
+        "correct": None,
+        "answer_prob": None,
+        "prefill_seconds": None,
+        "prefill_tokens_per_s": None,
+        "fill_seconds": time.perf_counter() - start,
+        "prefill_comm_seconds": 0.0,
+        "sent_bytes_prefill": 0,
+    }
+    return memories, queries, record
+
+
+@torch.no_grad()
+def run_rank(args) -> dict | None:
+    """One rank's measurements (rank 0 returns them; the others None)."""
+    import knn_memory
+    from knn_memory.process_group import ShardGroup
+
+    knn_memory.set_threads(args.threads)
+    fields = parse_backend(args.backend)
+    if args.index_option:
+        fields["mem_index_params"] = {**(fields.get("mem_index_params") or {}), **dict(args.index_option)}
+    top_k = args.top_k if uses_top_k(fields) else None
+    group = ShardGroup(torch.device("cpu"))
+    fill = _model_fill if args.fill == "model" else _synthetic_fill
+    memories, queries, record = fill(args, fields, top_k, group)
+    per_rank = [sum(col) for col in zip(*(m.nbytes_per_rank() for m in memories), strict=True)]
+    entries = int(memories[0].lengths.max())
+    # search throughput: memory attention of a block of queries against each layer's memory
     before, before_s = _sent(memories)
-    search_seconds = 0.0
-    for mem in memories:
-        q = torch.randn(1, H, args.queries, d, generator=g)
-        local = torch.randn(1, H, 1, d, generator=g)
-        group.barrier()
-        start = time.perf_counter()
-        for _ in range(args.repeats):
-            knn_memory.memory_attention(q, local.expand(1, H, 1, d), local.expand(1, H, 1, d), memory=mem)
-        group.barrier()
-        search_seconds += time.perf_counter() - start
+    search_seconds = _search_throughput(memories, queries, args, group)
     after, after_s = _sent(memories)
     # this machine's all-reduce rate, alone: 16 MiB payload per rank, a few times
     block = torch.ones(4 * 2**20)
@@ -129,6 +208,7 @@ def run_rank(args) -> dict | None:
     for _ in range(ALLREDUCE_REPEATS):
         group.all_reduce_sum(block)
     allreduce_seconds = time.perf_counter() - start
+    H, d = queries[0].shape[1], queries[0].shape[3]
     pairs = len(memories) * args.repeats * args.queries * H
     mem = memories[0]
     if group.rank != 0:
@@ -138,19 +218,13 @@ def run_rank(args) -> dict | None:
         "index_options": dict(args.index_option or []),
         "world_size": group.world_size,
         "threads_per_rank": args.threads,
-        "length": prompt.length,
-        "correct": generated == prompt.answer_ids,
-        "answer_prob": answer_probability(out.logits, generated, prompt.answer_ids),
-        "prefill_seconds": prefill,
-        "prefill_tokens_per_s": prompt.length / prefill,
-        "prefill_comm_seconds": comm_prefill,
+        **record,
         "search_queries_per_s": len(memories) * args.repeats * args.queries / search_seconds,
         "search_comm_seconds": after_s - before_s,
         "search_seconds": search_seconds,
         "memory_entries": entries,
         "bytes_per_rank": per_rank,
         "bytes_total": sum(per_rank),
-        "sent_bytes_prefill": int(sent_prefill),
         "sent_bytes_per_query_head": (after - before) / pairs,
         "formula_bytes_per_query_head": formula_bytes_per_query_head(d, mem.mode, mem.top_k)
         if group.world_size > 1
@@ -271,16 +345,20 @@ def _launch(args, world_size: int, timeout: float) -> dict:
 
 def summary_table(rows: list[dict]) -> str:
     lines = [
-        "| backend | ranks | threads/rank | tokens | correct | prefill s | prefill tok/s | search q/s | bytes per rank "
-        "(MiB) | sent B per (query, head): measured / formula | sent during prefill (MiB) | in collectives (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | fill | ranks | threads/rank | tokens | correct | prefill s | prefill tok/s | search q/s | "
+        "bytes per rank (MiB) | sent B per (query, head): measured / formula | sent during prefill (MiB) | "
+        "in collectives (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per_rank = " + ".join(f"{b / 2**20:.1f}" for b in r["bytes_per_rank"])
         name = r["backend"] + "".join(f":{k}={v}" for k, v in (r.get("index_options") or {}).items())
+        prefill = r.get("prefill_seconds")
+        timing = "– | –" if prefill is None else f"{prefill:.1f} | {r['prefill_tokens_per_s']:.0f}"
+        correct = "–" if r.get("correct") is None else r["correct"]
         lines.append(
-            f"| {name} | {r['world_size']} | {r['threads_per_rank']} | {r['length']} | {r['correct']} | "
-            f"{r['prefill_seconds']:.1f} | {r['prefill_tokens_per_s']:.0f} | {r['search_queries_per_s']:.0f} | "
+            f"| {name} | {r.get('fill', 'model')} | {r['world_size']} | {r['threads_per_rank']} | {r['length']} | "
+            f"{correct} | {timing} | {r['search_queries_per_s']:.0f} | "
             f"{per_rank} | {r['sent_bytes_per_query_head']:.1f} / {r['formula_bytes_per_query_head']} | "
             f"{r['sent_bytes_prefill'] / 2**20:.1f} | {r.get('prefill_comm_seconds', 0):.1f} |"
         )
@@ -299,6 +377,19 @@ def _parser() -> OneLineParser:
         type=lambda t: parse_option(t, "--index-option"),
         metavar="NAME=VALUE",
         help="another option of the slices' index, e.g. max_nprobe=8 (repeatable)",
+    )
+    p.add_argument(
+        "--fill",
+        choices=("model", "synthetic"),
+        default="model",
+        help="fill the memory by the model's prefill of a passkey prompt (default), or with synthetic keys "
+        "window by window, no model (search only; for memories whose prefill would take too long)",
+    )
+    p.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="attention",
+        help="synthetic keys and queries (with --fill synthetic; default attention)",
     )
     p.add_argument("--ranks", default="1,2", help="world sizes to compare (default 1,2)")
     p.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")

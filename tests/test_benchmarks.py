@@ -315,3 +315,25 @@ def test_sharded_projection_follows_the_formula():
     assert union["seconds"]["gloo all-reduce on this machine (measured)"] == pytest.approx(
         union["wire_bytes_per_rank"] / 1e9
     )
+
+
+def test_sharded_benchmark_synthetic_fill(tmp_path):
+    """--fill synthetic: no model; the same entries split between 2 ranks, each window on one rank,
+    and the bytes sent per (query, head) equal to the formula."""
+    from benchmarks import sharded
+
+    argv = ["--fill", "synthetic", "--backend", "sharded:exact", "--length", "1000", "--ranks", "1,2"]
+    argv += ["--queries", "8", "--repeats", "1", "--out", str(tmp_path)]
+    assert sharded.main(argv) == 0
+    one, two = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert one["fill"] == two["fill"] == "synthetic:attention"
+    assert one["memory_entries"] == two["memory_entries"] == 1000
+    assert one["prefill_seconds"] is None and one["correct"] is None
+    entry = 2 * 4 * 32 * 2  # keys and values, 4 heads x head_dim 32, bf16
+    assert one["bytes_per_rank"][0] >= 2 * 1000 * entry  # both memory layers
+    # 15 windows of 64 tokens and one of 40, in turn: 8 x 64 = 512 entries on rank 0, 7 x 64 + 40 on rank 1
+    assert two["bytes_per_rank"][0] >= 2 * 512 * entry and two["bytes_per_rank"][1] >= 2 * 488 * entry
+    assert max(two["bytes_per_rank"]) < one["bytes_per_rank"][0]
+    assert two["sent_bytes_per_query_head"] == two["formula_bytes_per_query_head"] == 4 + 4 * 33
+    assert "synthetic:attention" in (tmp_path / "summary.md").read_text()
+    assert sharded.main(["--fill", "random", "--out", str(tmp_path)]) == 2
