@@ -8,7 +8,7 @@ at a time and are never removed one by one.
 * Before an index exists (``"Flat"`` always; any other spec until it has enough keys to train), keys
   live in a chunked store in ``store_dtype`` (the memory's dtype, e.g. bfloat16), searched exactly:
   each chunk is widened to float32 a block at a time, scored by one matmul and selected by
-  :func:`indexes.select.top_k` (``faiss.knn`` for blocks with more scores than fit in cache).
+  :func:`indexes.select.top_k` (``faiss.knn`` for blocks of more than :data:`SELECT_KEYS` keys).
 * Once an index exists, keys live in the index's own codes when those codes give the key back exactly
   (raw float32 codes: ``IVF...,Flat``, ``HNSW...``; the ``"auto"`` index's bf16 / fp16 codes), and
   retraining reads them back from there. Indexes with lossy codes (PQ, SQ8, residual scalar
@@ -58,10 +58,16 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 1 << 20  # keys per store chunk at most (chunks double up to this)
 FIRST_KEY_CHUNK = 8192  # keys in the first store chunk (then doubling)
 EXACT_BLOCK = 32768  # keys widened to float32 at once by the exact search of a narrower store
-# The exact search scores a block in one matmul and selects with indexes.select.top_k while the scores
-# fit in cache (queries x keys at most this many; measured 1.3-2.3x faster than faiss.knn there, from
-# 64 x 2048 to 2048 x 2048), and hands larger blocks to faiss.knn (1.2-2x faster beyond 8M scores)
-SELECT_SCORES = 4 * 2**20
+# The exact search scores a block of at most SELECT_KEYS keys with one matmul and selects with
+# indexes.select.top_k (1.3-2x faster than faiss.knn for 256-2048 keys, 64-2048 queries), and hands
+# larger blocks to faiss.knn, whose blocked matmul and heap win there (1.3-3.5x at 8192-32768 keys).
+SELECT_KEYS = 4096
+# faiss.knn takes its BLAS path (blocked sgemm, then a heap) only for at least this many queries, else a
+# per-query SIMD loop. The faiss-cpu 1.15 wheel ships 128000, so every search here took the loop, which
+# is 3-4x slower at head_dim 32 (64 x 8192: 3.4 ms against 1.2 ms; 2048 x 32768: 390 ms against 90 ms)
+# and 1.1x at head_dim 100. Faiss's own default is 20. A process-wide Faiss setting, set on import.
+BLAS_THRESHOLD = 20
+faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 ADD_BLOCK = 65536  # keys handed to Faiss per call while (re)building an index
 _STORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Specs that Faiss GPU can hold (besides "Flat", which runs as torch matmul + top-k on CUDA).
@@ -546,9 +552,9 @@ class StreamingIndex:
     def _exact(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts_s, parts_i = [], []
         for offset, block in self._blocks():
-            if self.device.type != "cpu" or q.shape[0] * block.shape[0] <= SELECT_SCORES:
+            if self.device.type != "cpu" or block.shape[0] <= SELECT_KEYS:
                 s, i = top_k(q @ block.T, k)
-            else:  # too many scores to hold at once: Faiss's blocked matmul and heap keep them in cache
+            else:
                 kk = min(k, block.shape[0])
                 d_np, i_np = faiss.knn(q.numpy(), block.numpy(), kk, faiss.METRIC_INNER_PRODUCT)
                 s, i = torch.from_numpy(d_np), torch.from_numpy(i_np)
