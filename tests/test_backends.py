@@ -332,6 +332,29 @@ def test_thread_pool_search_equals_sequential():
     assert torch.equal(sequential.values, pooled.values)
 
 
+def test_default_fan_out_only_for_large_calls(monkeypatch):
+    """Without ``workers``, a call fans out over (row, head) only with FAN_OUT_MIN queries or keys per
+    (row, head); smaller calls run in the calling thread. An explicit ``workers`` always applies."""
+    import knn_memory.backends.faiss_index as fi
+
+    widths = []
+    real = fi.fan_out
+    monkeypatch.setattr(
+        fi, "fan_out", lambda fn, items, workers: widths.append(workers) or real(fn, items, workers)
+    )
+    monkeypatch.setattr(fi.torch, "get_num_threads", lambda: 2)
+    H, d, big = 2, 8, fi.FAN_OUT_MIN
+    mem = create_backend("faiss", **geometry(1, H, d, "float32"), index="Flat", top_k=3)
+    mem.add(torch.randn(1, H, big - 1, d), torch.randn(1, H, big - 1, d))
+    mem.add(torch.randn(1, H, big, d), torch.randn(1, H, big, d))
+    mem.search(torch.randn(1, H, big - 1, d))
+    mem.search(torch.randn(1, H, big, d))
+    assert widths == [1, 2, 1, 2]
+    mem.workers = 3
+    mem.search(torch.randn(1, H, 1, d))
+    assert widths[-1] == 3
+
+
 def test_grouping_bounds_the_dense_scores(monkeypatch):
     g = torch.Generator().manual_seed(14)
     B, H, q, d, M = 2, 3, 5, 8, 40

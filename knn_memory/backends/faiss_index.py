@@ -5,7 +5,9 @@ Keys are rounded to ``mem_dtype`` and each is held once by the index layer (``in
 k >= memory size reproduces the exact backend. ``index="auto"`` grows an IVF index with the memory
 (:mod:`indexes.growth`). Padding entries are never inserted. With several ``workers`` the searches fan
 out over (row, head) on a thread pool with one Faiss OpenMP thread per worker; with one, they run in the
-calling thread. Values stay in ``mem_dtype`` in chunked per-row storage and only the k retrieved ones
+calling thread, where Faiss and torch use all their threads. By default a call fans out only when each
+(row, head) has at least :data:`FAN_OUT_MIN` queries or keys: below that the pool's hand-offs cost more
+than they share. Values stay in ``mem_dtype`` in chunked per-row storage and only the k retrieved ones
 are gathered per query.
 """
 
@@ -37,6 +39,12 @@ DEFAULT_TOP_K = 128
 VALUE_CHUNK_BYTES = 256 * 2**20  # the largest value chunk of a row (chunks double up to it)
 FIRST_VALUE_CHUNK = 16384
 POLICY_OPTIONS = tuple(n for n in GrowthPolicy.option_names() if n != "nprobe")
+# Queries (search) or keys (add) per (row, head) from which the default fan-out runs. Measured with 2
+# threads (benchmarks/results/passkey_threads): the embedded model (4 heads, 64-token windows) runs a
+# 64k-token passkey prompt in 16.5-16.8 s without the fan-out and 23.5-29.3 s with it (19.8 s on one
+# thread), 1M tokens in 418 s without and 492 s with; 32 heads x 512 queries of the "auto" index at 64k
+# keys search in 4.5 s fanned out and 9.0 s not.
+FAN_OUT_MIN = 256
 
 
 @register_backend("faiss")
@@ -54,7 +62,8 @@ class FaissBackend(MemoryBackend):
         exact_until, lists_per_sqrt, regrow_factor, train_per_list, max_train_sample, niter,
             min_lists, max_lists: the ``"auto"`` policy (:class:`indexes.GrowthPolicy`); only with
             ``index="auto"``.
-        workers: threads for the (row, head) fan-out (default: torch's thread count).
+        workers: threads for the (row, head) fan-out (default: torch's thread count for calls of at
+            least ``FAN_OUT_MIN`` queries or keys per (row, head), else 1).
         seed: RNG seed of training samples.
         value_device: where the values live: ``None`` (default) next to the keys on ``device``, or
             ``"cpu"`` to keep them in host memory while a GPU index holds the keys; only the k
@@ -215,8 +224,11 @@ class FaissBackend(MemoryBackend):
             return f"<{getattr(type(self._template), 'index_kind', type(self._template).__name__)}>"
         return AUTO if self.policy is not None else self.index_spec.spec
 
-    def _workers(self) -> int:
-        return self.workers or torch.get_num_threads()
+    def _workers(self, per_head: int) -> int:
+        """Fan-out width for a call with ``per_head`` queries or keys per (row, head)."""
+        if self.workers is not None:
+            return self.workers
+        return torch.get_num_threads() if per_head >= FAN_OUT_MIN else 1
 
     def head_index(self, row: int, head: int) -> KeyIndex:
         """The index of one (row, head): for inspection and benchmarks."""
@@ -265,7 +277,7 @@ class FaissBackend(MemoryBackend):
                 continue
             self._values[b].append(vb)
             jobs.extend((self._rows[b][h], kb[h].contiguous()) for h in range(self.num_heads))
-        fan_out(lambda job: job[0].add_checked(job[1]), jobs, self._workers())
+        fan_out(lambda job: job[0].add_checked(job[1]), jobs, self._workers(keys.shape[2]))
 
     def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None) -> MemoryHits:
         k, heads = self._check_search(queries, k, heads)
@@ -275,7 +287,7 @@ class FaissBackend(MemoryBackend):
         results = fan_out(
             lambda p: self._rows[p[0]][heads.start + p[1]].search_checked(q32[p[0], p[1]].contiguous(), k),
             pairs,
-            self._workers(),
+            self._workers(q),
         )
         scores = torch.stack([s for s, _ in results]).reshape(B, h, q, k)
         ids = torch.stack([i for _, i in results]).reshape(B, h, q, k)
