@@ -10,8 +10,9 @@ from indexes import set_faiss_threads
 def set_threads(n: int) -> None:
     """Run torch and Faiss (in the calling thread) with ``n`` threads each.
 
-    The Faiss backend's head fan-out uses ``torch.get_num_threads()`` workers unless given ``workers``,
-    so with ``n == 1`` every search runs in the calling thread, one thread in all.
+    The Faiss backend's head fan-out, where a call is large enough to use it, takes
+    ``torch.get_num_threads()`` workers unless given ``workers``, so with ``n == 1`` every search runs in
+    the calling thread, one thread in all.
 
     Raises:
         ValueError: ``n`` is not a positive int.
