@@ -1,8 +1,9 @@
 """`top_k`: the k largest scores of each row, best first, by the fastest selection for the row's shape.
 
-Every exact top-k of the project selects through here: the store's exact search (``"Flat"``, and
-``"auto"`` while the memory is small), the ranking of the ``"auto"`` index's lists, and the exact
-backend's top-k. Scores come from a float32 matmul; selection, not the matmul, is what costs.
+The index layer's exact top-k selects through here: the store's exact search (``"Flat"``, and
+``"auto"`` while the memory is small) and the ranking of the ``"auto"`` index's lists. (The exact
+backend keeps ``torch.topk``: its scores are 4-D, padded with ``-inf`` and may carry gradients.) Scores
+come from a float32 matmul; selection, not the matmul, is what costs.
 
 Measured on one core of this machine kind, 64 rows of ``n`` scores:
 
@@ -10,8 +11,8 @@ Measured on one core of this machine kind, 64 rows of ``n`` scores:
   0.5-1 ms for n of 1024-8192 (its heap and ``nth_element`` paths both lose there);
 * ``numpy.argpartition`` (introselect), then a sort of the k selected, costs 0.2-0.7 ms for k = 32 and
   the same n, but more than ``torch.topk`` for small k, and for n beyond ~256 k;
-* ``faiss.knn`` (matmul plus its own heap) took 1.3-2x the time of matmul + this selection for
-  256-16384 keys.
+* matmul + this selection beats ``faiss.knn`` (on its BLAS path) up to ~4096 keys per block, 1.3-2x;
+  beyond that Faiss's blocked matmul and heap win (see ``indexes.streaming.SELECT_KEYS``).
 
 So rows of ``16 k <= n <= 256 k`` with ``k >= 16`` go to the partition, the others to ``torch.topk``.
 Ties are broken the same way every time for the same input, but not necessarily as another backend
