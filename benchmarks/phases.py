@@ -59,6 +59,8 @@ class Timers:
         self.exclusive: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.work: dict[str, float] = defaultdict(float)  # FLOP or bytes, per phase
+        # what the "auto" index's searches did: queries, lists and keys scanned, queries capped
+        self.scan: dict[str, int] = defaultdict(int)
         self._stack: list[float] = []  # children's time of each open call
 
     def wrap(self, name: str, fn: Callable) -> Callable:
@@ -98,9 +100,8 @@ def instrumented(timers: Timers, head_dim: int):
 
     d = head_dim
 
-    def scan_work(self, q, k):  # list scan + box bounds: FLOP
-        lists = min(self.nprobe, self.nlist)
-        return 2.0 * d * q.shape[0] * (lists * self.ntotal / max(self.nlist, 1) + 2 * self.nlist)
+    def scan_work(self, q, k):  # the box bounds' matmul (the keys scanned are added after each call)
+        return 2.0 * (2 * d) * q.shape[0] * self.nlist
 
     def exact_work(self, q, k):
         return 2.0 * d * q.shape[0] * self.ntotal
@@ -108,9 +109,9 @@ def instrumented(timers: Timers, head_dim: int):
     def gather_work(views, ids, dim, dtype):  # bytes read and written
         return 2.0 * ids.numel() * dim * torch.empty((), dtype=dtype).element_size()
 
-    def add_work(self, keys, values, mask=None):  # bytes written: keys (codes + ids) and values
+    def add_work(self, keys, values, mask=None):  # bytes written: keys (codes + int32 ids) and values
         n = keys.shape[0] * keys.shape[1] * keys.shape[2]
-        return n * (2 * d * self.mem_dtype.itemsize + 8)
+        return n * (2 * d * self.mem_dtype.itemsize + 4)
 
     def build_work(self):  # k-means over the sample + assigning every key: FLOP
         if self.policy is None:
@@ -126,7 +127,19 @@ def instrumented(timers: Timers, head_dim: int):
     patch(StreamingIndex, "_build", "build", build_work)
     patch(StreamingIndex, "add_checked", "index.add")
     patch(BoundedIVF, "search", "search.scan", scan_work)
-    patch(BoundedIVF, "rank_lists", "search.rank")
+    patch(BoundedIVF, "list_bounds", "search.rank")
+    timed_search = BoundedIVF.search
+
+    def search_counting(self, q, k):  # the keys each search really scanned: the scan's FLOP
+        before = dict(self.stats)
+        out = timed_search(self, q, k)
+        for key, value in self.stats.items():
+            timers.scan[key] += value - before[key]
+        timers.work["search.scan"] += 2.0 * d * (self.stats["keys_scanned"] - before["keys_scanned"])
+        return out
+
+    patches.append((BoundedIVF, "search", timed_search))
+    BoundedIVF.search = search_counting
     patch(BoundedIVF, "add", "index.bounded_add")
     patch(faiss_backend, "gather_values", "gather", gather_work)
     # the model calls memory_attention through the knn_memory package
@@ -239,6 +252,7 @@ def run(
         "prefill_seconds": wall,
         "phases": rows,
         "calls": dict(timers.calls),
+        "scan": dict(timers.scan),
         "decode_tokens": decode,
         "decode_tokens_per_second": decode / decode_seconds if decode else None,
         "memory_entries_per_head": int(memory.lengths[0]),
@@ -278,6 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result["decode_tokens_per_second"]:
         print(f"decode: {result['decode_tokens_per_second']:.1f} tokens/s after {result['tokens']} tokens")
     print(f"peak RSS {result['peak_rss_mib']:.0f} MiB; ceilings {result['ceilings']}")
+    scan = result["scan"]
+    if scan.get("queries"):
+        q = scan["queries"]
+        print(
+            f"auto index searches: {q} queries, {scan['lists_scanned'] / q:.1f} lists and "
+            f"{scan['keys_scanned'] / q:.0f} keys scanned per query, {100 * scan['capped'] / q:.1f}% capped"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -15,13 +15,14 @@ lists and 70-100% at 16 (``benchmarks/README.md``).
 
 The bound also says when to stop: once a query's k-th best score so far exceeds the bound of the next
 list in its order, no unscanned key can enter its top-k, and its result is exact. :meth:`search` scans
-``nprobe`` lists for every query, then doubles the lists of the queries not yet certain, up to
+``nprobe`` lists for every query, then goes on list by list while a query is not yet certain, up to
 ``max_nprobe``.
 
-The lists hold the keys themselves (Faiss scalar-quantizer codes in bf16 / fp16 for a memory of that
-dtype, raw float32 otherwise; not residuals), so scores are exact inner products and the keys decode
-back exactly for a rebuild. Keys are assigned to lists by an L2 k-means quantizer (boxes of L2 clusters
-are tight). Everything is validated by the caller (:class:`indexes.streaming.StreamingIndex`).
+The lists (:class:`indexes.inverted_lists.InvertedLists`) hold the keys themselves in the memory's
+dtype (bfloat16, float16 or float32; not residuals), so scores are exact inner products and the keys
+decode back exactly for a rebuild; the compiled scan reads each code once. Keys are assigned to lists
+by an L2 k-means quantizer trained by Faiss (boxes of L2 clusters are tight). Everything is validated
+by the caller (:class:`indexes.streaming.StreamingIndex`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import faiss
 import numpy as np
 import torch
 
+from indexes.inverted_lists import KINDS, InvertedLists
 from indexes.select import top_k
 
-_SQ_TYPES = {torch.bfloat16: "QT_bf16", torch.float16: "QT_fp16"}
 ASSIGN_BLOCK = 65536
 EMPTY = 1e30  # placeholder bound of an empty list (finite: no inf * 0 in the bound's matmul)
 
@@ -69,25 +70,43 @@ def check_ids(index: faiss.IndexIVF) -> None:
         )
 
 
+def train_centroids(sample: np.ndarray, lists: int, niter: int) -> torch.Tensor:
+    """L2 k-means of ``sample`` [s, d] float32 into ``lists`` centroids -> [lists, d] float32 (Faiss)."""
+    dim = sample.shape[1]
+    params = faiss.ClusteringParameters()
+    params.niter = niter
+    params.min_points_per_centroid = 1  # the caller chooses the sample size
+    clustering = faiss.Clustering(dim, lists, params)
+    clustering.train(np.ascontiguousarray(sample, dtype=np.float32), faiss.IndexFlatL2(dim))
+    return torch.from_numpy(faiss.vector_to_array(clustering.centroids).reshape(lists, dim).copy())
+
+
+def list_dtype(store_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the lists hold keys of a ``store_dtype`` memory in: that dtype, or float32."""
+    return store_dtype if store_dtype in KINDS else torch.float32
+
+
 class BoundedIVF:
     """IVF with exact codes and box-bound list ranking (see the module docstring).
 
     Build with :meth:`build`; then :meth:`add` and :meth:`search` take float32 numpy arrays.
     """
 
-    def __init__(self, index: faiss.IndexIVF, bounds: torch.Tensor, counts: torch.Tensor) -> None:
-        self.index = index  # the IVF: quantizer, lists, codes
+    def __init__(
+        self, centroids: torch.Tensor, lists: InvertedLists, bounds: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        self.lists = lists  # the keys, stored once, and the scan
         # [L, 2d] float32: per-channel maxima then minima of each list's keys (-EMPTY / +EMPTY while
         # empty, so an empty list's bound is hugely negative and it is ranked last)
         self.bounds = bounds
         self.counts = counts  # [L] int64 keys per list
+        self._ntotal = int(counts.sum())
         self.nprobe = 1  # lists every query scans
         self.max_nprobe = 1  # lists a query may scan while its top-k is not certain
-        # searched queries, lists and keys they scanned, queries that reached max_nprobe
+        # searched queries, lists and keys they scanned, queries that scanned max_nprobe lists
         self.stats = {"queries": 0, "lists_scanned": 0, "keys_scanned": 0, "capped": 0}
-        xb = faiss.rev_swig_ptr(faiss.downcast_index(index.quantizer).get_xb(), index.nlist * index.d)
-        self._centroids = torch.from_numpy(xb.reshape(index.nlist, index.d).copy())  # [L, d]
-        self._half_norms = 0.5 * (self._centroids * self._centroids).sum(dim=1)  # [L]
+        self._centroids = centroids  # [L, d] float32
+        self._half_norms = 0.5 * (centroids * centroids).sum(dim=1)  # [L]
 
     @property
     def hi(self) -> torch.Tensor:
@@ -99,53 +118,50 @@ class BoundedIVF:
         """[L, d] per-channel minima of each list's keys."""
         return self.bounds[:, self.d :]
 
+    @property
+    def centroids(self) -> torch.Tensor:
+        """[L, d] the k-means centroids keys are assigned by."""
+        return self._centroids
+
     # ------------------------------------------------------------------ construction
-    @staticmethod
-    def new_index(dim: int, lists: int, store_dtype: torch.dtype, niter: int) -> faiss.IndexIVF:
-        """An untrained IVF with ``lists`` lists holding keys of ``store_dtype`` exactly."""
-        quantizer = faiss.IndexFlatL2(dim)
-        if store_dtype in _SQ_TYPES:
-            qtype = getattr(faiss.ScalarQuantizer, _SQ_TYPES[store_dtype])
-            index = faiss.IndexIVFScalarQuantizer(
-                quantizer, dim, lists, qtype, faiss.METRIC_INNER_PRODUCT, False
-            )
-        else:
-            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = niter
-        index.cp.min_points_per_centroid = 1  # the caller chooses the sample size
-        return index
+    @classmethod
+    def empty(cls, centroids: torch.Tensor, store_dtype: torch.dtype) -> BoundedIVF:
+        """An index with the given centroids [L, d] and no keys."""
+        lists, dim = centroids.shape
+        bounds = torch.cat([torch.full((lists, dim), -EMPTY), torch.full((lists, dim), EMPTY)], dim=1)
+        store = InvertedLists(lists, dim, list_dtype(store_dtype))
+        return cls(centroids, store, bounds, torch.zeros(lists, dtype=torch.int64))
 
     @classmethod
     def build(
         cls, keys: np.ndarray, sample: np.ndarray, lists: int, store_dtype: torch.dtype, niter: int
     ) -> BoundedIVF:
         """Train on ``sample`` [s, d] and add ``keys`` [n, d] (float32, ids 0..n-1)."""
-        dim = keys.shape[1]
-        index = cls.new_index(dim, lists, store_dtype, niter)
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        bounds = torch.cat([torch.full((lists, dim), -EMPTY), torch.full((lists, dim), EMPTY)], dim=1)
-        new = cls(index, bounds, torch.zeros(lists, dtype=torch.int64))
-        for begin in range(0, keys.shape[0], ASSIGN_BLOCK):
-            new.add(np.ascontiguousarray(keys[begin : begin + ASSIGN_BLOCK], dtype=np.float32))
+        new = cls.empty(train_centroids(sample, lists, niter), store_dtype)
+        x = torch.from_numpy(keys)
+        assign = torch.cat([new.assign(x[b : b + ASSIGN_BLOCK]) for b in range(0, x.shape[0], ASSIGN_BLOCK)])
+        new.lists.reserve(torch.bincount(assign, minlength=lists))  # exact sizes: no room left unused
+        for begin in range(0, x.shape[0], ASSIGN_BLOCK):
+            end = begin + ASSIGN_BLOCK
+            new._add(x[begin:end], assign[begin:end])
         return new
 
     # ------------------------------------------------------------------ state
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return self._ntotal
 
     @property
     def d(self) -> int:
-        return int(self.index.d)
+        return int(self._centroids.shape[1])
 
     @property
     def nlist(self) -> int:
-        return int(self.index.nlist)
+        return int(self._centroids.shape[0])
 
     def nbytes(self) -> int:
-        """Codes and ids of every key, the centroids, and the bounds."""
-        per_key = self.index.code_size + 8
-        return int(self.ntotal * per_key + self.nlist * self.d * 4 * 3 + self.nlist * 8)
+        """The lists (codes and ids of their whole capacity), the centroids and their norms, bounds, counts."""
+        return int(self.lists.nbytes() + self.nlist * (self.d * 4 * 3 + 4 + 8))
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest centroid (L2) of each key ``x`` [n, d] -> [n] int64."""
@@ -153,144 +169,139 @@ class BoundedIVF:
 
     def decode_all(self) -> np.ndarray:
         """Every key, float32 [n, d] in id order (exact: the codes are the keys)."""
-        return decode_lists(self.index, self.ntotal, self.d)
+        codes, ids = self.lists.export()
+        out = torch.empty(self._ntotal, self.d, dtype=torch.float32)
+        out[ids] = codes.to(torch.float32)
+        return out.numpy()
 
     # ------------------------------------------------------------------ add and search
     def add(self, x: np.ndarray) -> None:
         """Append keys ``x`` [n, d] float32 (ids continue from :attr:`ntotal`)."""
-        n = x.shape[0]
-        if n == 0:
+        if x.shape[0] == 0:
             return
         keys = torch.from_numpy(x)
-        lists = self.assign(keys)
-        assign = lists.numpy()
-        self.index.add_core(n, faiss.swig_ptr(x), None, faiss.swig_ptr(assign))
+        self._add(keys, self.assign(keys))
+
+    def _add(self, keys: torch.Tensor, lists: torch.Tensor) -> None:
+        n = keys.shape[0]
+        ids = torch.arange(self._ntotal, self._ntotal + n, dtype=torch.int64)
+        self.lists.add(keys.to(self.lists.dtype), lists, ids)
+        self._ntotal += n
         index = lists[:, None].expand(-1, self.d)
         self.bounds[:, : self.d].scatter_reduce_(0, index, keys, reduce="amax")
         self.bounds[:, self.d :].scatter_reduce_(0, index, keys, reduce="amin")
         self.counts.index_add_(0, lists, torch.ones_like(lists))
 
+    def list_bounds(self, q: torch.Tensor) -> torch.Tensor:
+        """The bound of every list for each query ``q`` [m, d]: [m, L] (one matmul)."""
+        return torch.cat([torch.clamp_min(q, 0), torch.clamp_max(q, 0)], dim=1) @ self.bounds.T
+
     def rank_lists(self, q: torch.Tensor, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``nprobe`` lists of highest bound for each query ``q`` [m, d]: (bounds, lists) [m, nprobe]."""
-        bound = torch.cat([torch.clamp_min(q, 0), torch.clamp_max(q, 0)], dim=1) @ self.bounds.T  # [m, L]
-        return top_k(bound, nprobe)
-
-    def _scan(
-        self, q: np.ndarray, k: int, lists: torch.Tensor, bounds: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Faiss's scan of the given ``lists`` [m, p] for each query ``q`` [m, d] -> (scores, ids) [m, k]."""
-        m, p = lists.shape
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        assign = np.ascontiguousarray(lists.numpy(), dtype=np.int64)
-        coarse = np.ascontiguousarray(bounds.numpy(), dtype=np.float32)
-        scores = np.empty((m, k), dtype=np.float32)
-        ids = np.empty((m, k), dtype=np.int64)
-        params = faiss.SearchParametersIVF()
-        params.nprobe = p  # per call (thread-safe), not the index's own field
-        self.index.search_preassigned_c(
-            m,
-            faiss.swig_ptr(q),
-            k,
-            faiss.swig_ptr(assign),
-            faiss.swig_ptr(coarse),
-            faiss.swig_ptr(scores),
-            faiss.swig_ptr(ids),
-            False,
-            params,
-        )
-        return scores, ids
+        return top_k(self.list_bounds(q), nprobe)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product, scanning lists in the order of their bounds (scores, ids) [m, k].
 
         Every query scans its :attr:`nprobe` lists of highest bound. A query whose k-th score so far is
-        below the bound of the next list is done: no key left can beat it, so its top-k is exact. The
-        others scan twice as many lists, up to :attr:`max_nprobe`, and are checked again.
+        below the bound of its next list is done: no key left can beat it, so its top-k is exact. The
+        others go on to their next list, up to :attr:`max_nprobe` lists.
         """
         first = min(self.nprobe, self.nlist)
         cap = max(first, min(self.max_nprobe, self.nlist))
-        qt = torch.from_numpy(q)
-        bounds, lists = self.rank_lists(qt, cap)
-        scores, ids = self._scan(q, k, lists[:, :first], bounds[:, :first])
+        bound = self.list_bounds(torch.from_numpy(q))
+        scores, ids, (scanned, keys, capped) = self.lists.search(q, k, bound, cap, first)
         stats = self.stats
         stats["queries"] += q.shape[0]
-        stats["lists_scanned"] += q.shape[0] * first
-        stats["keys_scanned"] += int(self.counts[lists[:, :first]].sum())
-        done = first
-        while done < cap:
-            kth = torch.from_numpy(scores[:, k - 1])
-            kth = torch.where(torch.from_numpy(ids[:, k - 1]) < 0, -torch.inf, kth)
-            open_ = (bounds[:, done] >= kth).nonzero().squeeze(1)  # a key there could still enter the top-k
-            if open_.numel() == 0:
-                break
-            upto = min(cap, 2 * done)
-            stats["lists_scanned"] += open_.numel() * (upto - done)
-            stats["capped"] += open_.numel() if upto == cap else 0  # queries that reached max_nprobe
-            stats["keys_scanned"] += int(self.counts[lists[open_, done:upto]].sum())
-            rows = open_.numpy()
-            more_s, more_i = self._scan(q[rows], k, lists[open_, done:upto], bounds[open_, done:upto])
-            both_s = np.concatenate([scores[rows], more_s], axis=1)
-            both_i = np.concatenate([ids[rows], more_i], axis=1)
-            best = np.argsort(-both_s, axis=1, kind="stable")[:, :k]
-            scores[rows] = np.take_along_axis(both_s, best, axis=1)
-            ids[rows] = np.take_along_axis(both_i, best, axis=1)
-            done = upto
+        stats["lists_scanned"] += scanned
+        stats["keys_scanned"] += keys
+        stats["capped"] += capped
         return scores, ids
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict:
+        """The centroids, every key's codes and id (list by list), the bounds and the list counts."""
+        codes, ids = self.lists.export()
         return {
-            "faiss": torch.from_numpy(faiss.serialize_index(self.index).copy()),
+            "centroids": self._centroids.clone(),
+            "codes": codes,
+            "ids": ids,
             "bounds": self.bounds.clone(),
             "counts": self.counts.clone(),
         }
 
     @classmethod
     def from_state(cls, state: dict, dim: int | None = None) -> BoundedIVF:
-        """Rebuild from :meth:`state`; ``ValueError`` for bytes Faiss cannot read, another index type,
-        metric or dim, lossy codes, inconsistent bounds or counts, or ids that are not 0..ntotal-1."""
-        try:
-            index = faiss.deserialize_index(np.ascontiguousarray(state["faiss"].numpy(), dtype=np.uint8))
-        except RuntimeError as err:
-            reason = str(err).strip().splitlines()[-1]
-            raise ValueError(f"saved 'auto' index cannot be read ({reason})") from None
-        if not isinstance(index, (faiss.IndexIVFScalarQuantizer, faiss.IndexIVFFlat)):
-            raise ValueError(
-                f"saved 'auto' index is a {type(index).__name__}, expected an IVF with exact codes"
-            )
-        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-            raise ValueError(f"saved 'auto' index has metric {index.metric_type}, expected inner product")
-        if isinstance(index, faiss.IndexIVFScalarQuantizer) and (
-            index.by_residual
-            or index.sq.qtype not in (faiss.ScalarQuantizer.QT_fp16, faiss.ScalarQuantizer.QT_bf16)
+        """Rebuild from :meth:`state` (or the Faiss-based state of earlier versions); ``ValueError`` for
+        parts of the wrong type, shape or dtype, non-finite values, counts that do not match the
+        codes, or ids that are not 0..n-1 each once, rising along each list."""
+        if "faiss" in state:
+            state = _from_faiss_state(state)
+        centroids, codes, ids = state.get("centroids"), state.get("codes"), state.get("ids")
+        if (
+            not isinstance(centroids, torch.Tensor)
+            or centroids.dim() != 2
+            or centroids.dtype != torch.float32
         ):
-            raise ValueError("saved 'auto' index has lossy codes, expected exact fp16 / bf16 / float32 codes")
-        if dim is not None and index.d != dim:
-            raise ValueError(f"saved 'auto' index has dim {index.d}, expected {dim}")
-        bounds, counts = state["bounds"], state["counts"]
-        want = (int(index.nlist), 2 * int(index.d))
+            raise ValueError("saved 'auto' centroids must be a float32 [lists, d] tensor")
+        lists, d = centroids.shape
+        if dim is not None and d != dim:
+            raise ValueError(f"saved 'auto' index has dim {d}, expected {dim}")
+        if not bool(torch.isfinite(centroids).all()):
+            raise ValueError("saved 'auto' centroids contain NaN or inf")
+        if (
+            not isinstance(codes, torch.Tensor)
+            or codes.dim() != 2
+            or codes.shape[1] != d
+            or codes.dtype not in KINDS
+        ):
+            raise ValueError(f"saved 'auto' codes must be a [n, {d}] tensor of one of {list(KINDS)}")
+        n = codes.shape[0]
+        if not bool(torch.isfinite(codes).all()):
+            raise ValueError("saved 'auto' codes contain NaN or inf")
+        if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != (n,) or ids.dtype != torch.int64:
+            raise ValueError(f"saved 'auto' ids must be an int64 [{n}] tensor")
+        bounds, counts = state.get("bounds"), state.get("counts")
         if (
             not isinstance(bounds, torch.Tensor)
-            or tuple(bounds.shape) != want
+            or tuple(bounds.shape) != (lists, 2 * d)
             or bounds.dtype != torch.float32
         ):
-            raise ValueError(f"saved list bounds must be float32 {list(want)}")
+            raise ValueError(f"saved list bounds must be float32 [{lists}, {2 * d}]")
         if not bool(torch.isfinite(bounds).all()):
             raise ValueError("saved list bounds contain NaN or inf")
         if (
             not isinstance(counts, torch.Tensor)
-            or tuple(counts.shape) != want[:1]
+            or tuple(counts.shape) != (lists,)
             or counts.dtype != torch.int64
         ):
-            raise ValueError(f"saved list counts must be int64 [{want[0]}]")
-        sizes = torch.tensor([index.invlists.list_size(i) for i in range(index.nlist)], dtype=torch.int64)
-        if not torch.equal(sizes, counts):
-            raise ValueError("saved list counts do not match the lists of the saved index")
-        check_ids(index)
-        return cls(index, bounds.clone(), counts.clone())
+            raise ValueError(f"saved list counts must be int64 [{lists}]")
+        if bool((counts < 0).any()) or int(counts.sum()) != n:
+            raise ValueError(
+                f"saved list counts do not match the codes ({int(counts.sum())} counted, {n} codes)"
+            )
+        if n and not torch.equal(torch.sort(ids).values, torch.arange(n)):
+            raise ValueError(f"saved index ids are not 0..{n - 1}, each once (out of range or repeated)")
+        owner = torch.repeat_interleave(torch.arange(lists), counts)
+        if n > 1 and bool(((ids[1:] <= ids[:-1]) & (owner[1:] == owner[:-1])).any()):
+            raise ValueError("saved index ids do not rise along each list")
+        new = cls.empty(centroids.clone(), codes.dtype)
+        new.lists.reserve(counts)
+        new.lists.add(codes, owner, ids)
+        new.bounds, new.counts, new._ntotal = bounds.clone(), counts.clone(), n
+        return new
 
     def clone(self) -> BoundedIVF:
-        return BoundedIVF.from_state(self.state())
+        """An independent copy (the lists are copied through :meth:`state`), with the same knobs."""
+        new = BoundedIVF.from_state(self.state())
+        new.nprobe, new.max_nprobe, new.stats = self.nprobe, self.max_nprobe, dict(self.stats)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> BoundedIVF:
+        return self.clone()
+
+    def __reduce__(self) -> tuple:
+        return _restore, (self.state(), self.nprobe, self.max_nprobe)
 
     def truncate(self, n: int) -> None:
         """Remove the keys of id >= ``n`` (the caller checks 0 <= n <= :attr:`ntotal`).
@@ -300,7 +311,58 @@ class BoundedIVF:
         holds the kept ones, so it remains an upper bound of ``q · k`` over its list (at worst a looser
         one: a list may be scanned, never missed, and a search that ends certain is still exact).
         """
-        if n < self.ntotal:
-            self.index.remove_ids(faiss.IDSelectorRange(n, self.ntotal))
-        lists = self.index.invlists
-        self.counts = torch.tensor([lists.list_size(i) for i in range(self.nlist)], dtype=torch.int64)
+        if n < self._ntotal:
+            self.lists.truncate(n)
+            self._ntotal = n
+        self.counts = self.lists.sizes()
+
+
+def _restore(state: dict, nprobe: int, max_nprobe: int) -> BoundedIVF:
+    """Unpickle a :class:`BoundedIVF` (its lists live in C memory, so it pickles through its state)."""
+    index = BoundedIVF.from_state(state)
+    index.nprobe, index.max_nprobe = nprobe, max_nprobe
+    return index
+
+
+def _from_faiss_state(state: dict) -> dict:
+    """The parts of an ``"auto"`` index saved by earlier versions (a Faiss IVF with fp16 / bf16 / float32
+    codes, not residuals, serialised as bytes, beside bounds and counts) in today's form."""
+    data = state["faiss"]
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
+        raise ValueError("saved 'auto' index bytes must be a uint8 tensor")
+    try:
+        index = faiss.deserialize_index(np.ascontiguousarray(data.numpy()))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1]
+        raise ValueError(f"saved 'auto' index cannot be read ({reason})") from None
+    if not isinstance(index, (faiss.IndexIVFScalarQuantizer, faiss.IndexIVFFlat)):
+        raise ValueError(f"saved 'auto' index is a {type(index).__name__}, expected an IVF with exact codes")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError(f"saved 'auto' index has metric {index.metric_type}, expected inner product")
+    dtype = torch.float32
+    if isinstance(index, faiss.IndexIVFScalarQuantizer):
+        kinds = {faiss.ScalarQuantizer.QT_fp16: torch.float16, faiss.ScalarQuantizer.QT_bf16: torch.bfloat16}
+        if index.by_residual or index.sq.qtype not in kinds:
+            raise ValueError("saved 'auto' index has lossy codes, expected exact fp16 / bf16 / float32 codes")
+        dtype = kinds[index.sq.qtype]
+    check_ids(index)
+    dim, lists = int(index.d), int(index.nlist)
+    keys = torch.from_numpy(decode_lists(index, int(index.ntotal), dim))
+    sizes = [index.invlists.list_size(i) for i in range(lists)]
+    ids = [
+        torch.from_numpy(faiss.rev_swig_ptr(index.invlists.get_ids(i), size).copy())
+        for i, size in enumerate(sizes)
+        if size
+    ]
+    ids = torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64)
+    xb = faiss.rev_swig_ptr(faiss.downcast_index(index.quantizer).get_xb(), lists * dim)
+    counts = state.get("counts")
+    if isinstance(counts, torch.Tensor) and counts.shape == (lists,) and counts.tolist() != sizes:
+        raise ValueError("saved list counts do not match the lists of the saved index")
+    return {
+        "centroids": torch.from_numpy(xb.reshape(lists, dim).copy()),
+        "codes": keys[ids].to(dtype),
+        "ids": ids,
+        "bounds": state.get("bounds"),
+        "counts": counts,
+    }

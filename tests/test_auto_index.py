@@ -131,7 +131,7 @@ def test_box_bounds_hold_every_key_and_bound_every_score():
     lists = ivf.assign(torch.from_numpy(keys))
     k = torch.from_numpy(keys)
     assert bool((k <= ivf.hi[lists]).all()) and bool((k >= ivf.lo[lists]).all())
-    assert ivf.counts.tolist() == [ivf.index.invlists.list_size(i) for i in range(20)]
+    assert torch.equal(ivf.counts, ivf.lists.sizes()) and int(ivf.counts.sum()) == 4000
     q = torch.randn(10, D, generator=torch.Generator().manual_seed(4))
     bounds, ranked = ivf.rank_lists(q, 20)
     best = torch.full((10, 20), -torch.inf)
@@ -149,8 +149,10 @@ def test_box_bound_ranking_finds_what_centroid_ranking_misses():
     ivf = BoundedIVF.build(keys.numpy(), keys[:3000].numpy(), 64, torch.bfloat16, niter=10)
     ivf.nprobe = 4
     _, ids = ivf.search(queries.numpy(), 10)
+    quantizer = faiss.IndexFlatL2(D)
+    quantizer.add(ivf.centroids.numpy())  # the same lists, ranked by q·centroid
     plain = faiss.IndexIVFScalarQuantizer(
-        ivf.index.quantizer, D, 64, faiss.ScalarQuantizer.QT_bf16, faiss.METRIC_INNER_PRODUCT, False
+        quantizer, D, 64, faiss.ScalarQuantizer.QT_bf16, faiss.METRIC_INNER_PRODUCT, False
     )
     plain.is_trained = True
     plain.add(keys.numpy())
@@ -214,10 +216,11 @@ def held_bytes(mem) -> int:
                 total += sum(v.numel() * v.element_size() for v in ix._store.views())
             index = ix._index
             if isinstance(index, BoundedIVF):
-                lists = index.index.invlists
-                sizes = [lists.list_size(i) for i in range(index.nlist)]
-                total += sum(sizes) * (lists.code_size + 8)  # codes + ids
-                total += index.nlist * D * 4 + index.bounds.numel() * 4 + index.counts.numel() * 8
+                room = int(index.lists.capacities().sum())  # keys the lists have room for
+                assert room >= index.ntotal
+                total += room * (D * 2 + 4) + index.nlist * 32  # bf16 codes + int32 ids, list headers
+                total += index.centroids.numel() * 4 + index.nlist * 4  # centroids and their norms
+                total += index.bounds.numel() * 4 + index.counts.numel() * 8
     return total
 
 
@@ -233,10 +236,17 @@ def test_nbytes_counts_the_arrays_held_and_is_near_dense(index):
         dense.add(k, v)
         assert mem.nbytes == held_bytes(mem)
     assert mem.head_index(0, 0).uses_index is (index == "auto")
-    # keys once, in bf16 (Flat) or in bf16 codes + 8-byte ids (auto), beside bf16 values; the lists'
-    # centroids, bounds and counts on top
-    per_entry = 2 * 2 * D * 2 + (0 if index == "Flat" else 2 * 8)
-    lists = sum(mem.head_index(b, h).nlist for b in range(2) for h in range(2))
-    assert mem.nbytes == 2 * 1280 * per_entry + lists * (3 * D * 4 + 8)
+    # keys once, in bf16 (Flat) or in bf16 codes + 4-byte ids (auto), beside bf16 values; the lists'
+    # centroids (and norms), bounds, counts and headers on top
+    values = 2 * 1280 * 2 * D * 2
+    if index == "Flat":
+        assert mem.nbytes == values + 2 * 1280 * 2 * D * 2
+    else:
+        lists = sum(mem.head_index(b, h).nlist for b in range(2) for h in range(2))
+        fixed = values + lists * (3 * D * 4 + 4 + 8 + 32)
+        per_key = D * 2 + 4
+        # at least every key; unused room at most a quarter of the keys plus under two blocks per list
+        assert fixed + 2 * 2 * 1280 * per_key <= mem.nbytes
+        assert mem.nbytes <= fixed + (2 * 2 * 1280 * 1.25 + lists * 31) * per_key
     if index == "Flat":
         assert mem.nbytes <= dense.nbytes

@@ -1,0 +1,705 @@
+/*
+ * Inverted lists of keys and their top-k inner-product scan, for indexes/inverted_lists.py (loaded
+ * with ctypes; plain C, no Python API).
+ *
+ * A store holds `nlist` lists. List l holds its keys as raw codes, `dim` elements of float32,
+ * bfloat16 or float16 each (the memory's own dtype: a key decodes to exactly the value it had), and
+ * their int32 ids, in the order they were added. Capacity grows by a quarter at a time, so a list
+ * holds at most ~25% more than it needs (std::vector's doubling held up to 100%).
+ *
+ * knn_scan() takes, for each query, its lists ranked by an upper bound of q.k over the list (the
+ * caller computes both) and scans them in that order, keeping the k largest q.k in a min-heap.
+ * After the first `nprobe` lists it stops as soon as the next list's bound is below the k-th score:
+ * no key left can enter the top-k, so the result is exact. A query scans at most `cap` lists.
+ *
+ * The dot products use AVX-512 (F, BW, VL) or AVX2 + FMA + F16C when the CPU has them, chosen at
+ * run time; plain C otherwise. Every path sums in float32. The caller validates every argument.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define KNN_X86 1
+#include <immintrin.h>
+#endif
+
+#define KNN_VERSION 1
+#define KNN_MAX_DIM 4096
+#define KNN_LANES 16 /* keys per block */
+
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+typedef struct {
+    int64_t size, cap; /* keys held, keys of room (a multiple of KNN_LANES) */
+    uint16_t *codes;   /* cap / KNN_LANES blocks (see the header); uint16_t or float elements */
+    int32_t *ids;
+} knn_list;
+
+typedef struct {
+    int64_t nlist, dim, kind;
+    int64_t width;       /* elements of one key side by side in a lane: 2 for bfloat16, else 1 */
+    int64_t rows;        /* rows of a block: ceil(dim / width) */
+    int64_t block_bytes; /* KNN_LANES * rows * width * element size */
+    knn_list *lists;
+} knn_store;
+
+/* ------------------------------------------------------------------ instruction set */
+static int detected_isa(void) {
+#ifdef KNN_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+        return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return ISA_AVX2;
+#endif
+    return ISA_SCALAR;
+}
+
+static int active_isa = -1;
+
+int knn_version(void) { return KNN_VERSION; }
+
+int knn_best_isa(void) { return detected_isa(); }
+
+int knn_isa(void) {
+    if (active_isa < 0) active_isa = detected_isa();
+    return active_isa;
+}
+
+/* Use `level` (0 scalar, 1 AVX2, 2 AVX-512), capped at what the CPU has; returns the level in use. */
+int knn_set_isa(int level) {
+    int best = detected_isa();
+    active_isa = level < 0 ? 0 : (level > best ? best : level);
+    return active_isa;
+}
+
+/* ------------------------------------------------------------------ the store */
+static int64_t elem_size(int64_t kind) { return kind == KIND_F32 ? 4 : 2; }
+
+/* Offset, in elements, of element i of the key in lane `lane` of a block. */
+static inline int64_t slot(const knn_store *s, int64_t lane, int64_t i) {
+    return ((i / s->width) * KNN_LANES + lane) * s->width + i % s->width;
+}
+
+void *knn_store_new(int64_t nlist, int64_t dim, int64_t kind) {
+    knn_store *s = (knn_store *)calloc(1, sizeof(knn_store));
+    if (!s) return NULL;
+    s->lists = (knn_list *)calloc((size_t)nlist, sizeof(knn_list));
+    if (!s->lists) {
+        free(s);
+        return NULL;
+    }
+    s->nlist = nlist;
+    s->dim = dim;
+    s->kind = kind;
+    s->width = kind == KIND_BF16 ? 2 : 1;
+    s->rows = (dim + s->width - 1) / s->width;
+    s->block_bytes = KNN_LANES * s->rows * s->width * elem_size(kind);
+    return s;
+}
+
+void knn_store_free(void *h) {
+    knn_store *s = (knn_store *)h;
+    if (!s) return;
+    for (int64_t l = 0; l < s->nlist; l++) {
+        free(s->lists[l].codes);
+        free(s->lists[l].ids);
+    }
+    free(s->lists);
+    free(s);
+}
+
+static int set_capacity(const knn_store *s, knn_list *l, int64_t cap) {
+    cap = (cap + KNN_LANES - 1) / KNN_LANES * KNN_LANES;
+    uint16_t *codes = (uint16_t *)realloc(l->codes, (size_t)(cap / KNN_LANES * s->block_bytes));
+    if (!codes) return -1;
+    /* zero the new room: padding elements and lanes past the last key are read by the scan */
+    memset((uint8_t *)codes + l->cap / KNN_LANES * s->block_bytes, 0,
+           (size_t)((cap - l->cap) / KNN_LANES * s->block_bytes));
+    l->codes = codes;
+    int32_t *ids = (int32_t *)realloc(l->ids, (size_t)cap * sizeof(int32_t));
+    if (!ids) return -1;
+    l->ids = ids;
+    l->cap = cap;
+    return 0;
+}
+
+/* Room for `extra[l]` more keys in every list l (rounded up to a block; a build knows its sizes). */
+int knn_store_reserve(void *h, const int64_t *extra) {
+    knn_store *s = (knn_store *)h;
+    for (int64_t l = 0; l < s->nlist; l++) {
+        knn_list *li = &s->lists[l];
+        int64_t need = li->size + extra[l];
+        if (need > li->cap && set_capacity(s, li, need)) return -1;
+    }
+    return 0;
+}
+
+/* Append n keys: codes [n, dim] (row-major elements of the store's kind), their lists [n] and ids [n].
+ * 0, or -1 out of memory. */
+int knn_store_add(void *h, int64_t n, const void *codes, const int64_t *lists, const int64_t *ids) {
+    knn_store *s = (knn_store *)h;
+    for (int64_t r = 0; r < n; r++) {
+        knn_list *li = &s->lists[lists[r]];
+        if (li->size == li->cap && set_capacity(s, li, li->cap + (li->cap / 4 > KNN_LANES ? li->cap / 4 : KNN_LANES)))
+            return -1;
+        int64_t block = li->size / KNN_LANES, lane = li->size % KNN_LANES;
+        uint8_t *dst = (uint8_t *)li->codes + block * s->block_bytes;
+        if (s->kind == KIND_F32) {
+            const float *src = (const float *)codes + r * s->dim;
+            for (int64_t i = 0; i < s->dim; i++) ((float *)dst)[slot(s, lane, i)] = src[i];
+        } else {
+            const uint16_t *src = (const uint16_t *)codes + r * s->dim;
+            for (int64_t i = 0; i < s->dim; i++) ((uint16_t *)dst)[slot(s, lane, i)] = src[i];
+        }
+        li->ids[li->size] = (int32_t)ids[r];
+        li->size++;
+    }
+    return 0;
+}
+
+void knn_store_sizes(void *h, int64_t *out) {
+    knn_store *s = (knn_store *)h;
+    for (int64_t l = 0; l < s->nlist; l++) out[l] = s->lists[l].size;
+}
+
+void knn_store_capacities(void *h, int64_t *out) {
+    knn_store *s = (knn_store *)h;
+    for (int64_t l = 0; l < s->nlist; l++) out[l] = s->lists[l].cap;
+}
+
+/* Bytes allocated: every list's capacity of codes and ids, and the list headers. */
+int64_t knn_store_nbytes(void *h) {
+    knn_store *s = (knn_store *)h;
+    int64_t total = s->nlist * (int64_t)sizeof(knn_list);
+    for (int64_t l = 0; l < s->nlist; l++)
+        total += s->lists[l].cap / KNN_LANES * s->block_bytes + s->lists[l].cap * 4;
+    return total;
+}
+
+/* Every key's codes [n, dim] (row-major) and id [n], list 0 first, each list in insertion order. */
+void knn_store_export(void *h, void *codes, int64_t *ids) {
+    knn_store *s = (knn_store *)h;
+    int64_t at = 0;
+    for (int64_t l = 0; l < s->nlist; l++) {
+        knn_list *li = &s->lists[l];
+        for (int64_t j = 0; j < li->size; j++, at++) {
+            const uint8_t *src = (const uint8_t *)li->codes + (j / KNN_LANES) * s->block_bytes;
+            int64_t lane = j % KNN_LANES;
+            if (s->kind == KIND_F32) {
+                for (int64_t i = 0; i < s->dim; i++)
+                    ((float *)codes)[at * s->dim + i] = ((const float *)src)[slot(s, lane, i)];
+            } else {
+                for (int64_t i = 0; i < s->dim; i++)
+                    ((uint16_t *)codes)[at * s->dim + i] = ((const uint16_t *)src)[slot(s, lane, i)];
+            }
+            ids[at] = li->ids[j];
+        }
+    }
+}
+
+/* Drop the keys of id >= n (ids rise along every list, so they are each list's tail). */
+void knn_store_truncate(void *h, int64_t n) {
+    knn_store *s = (knn_store *)h;
+    for (int64_t l = 0; l < s->nlist; l++) {
+        knn_list *li = &s->lists[l];
+        int64_t lo = 0, hi = li->size; /* first position whose id is >= n */
+        while (lo < hi) {
+            int64_t mid = lo + (hi - lo) / 2;
+            if (li->ids[mid] < n)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        li->size = lo;
+    }
+}
+
+/* ------------------------------------------------------------------ element conversion */
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13); /* inf / nan */
+    } else if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else { /* subnormal: value man * 2^-24 */
+            float f = ldexpf((float)man, -24);
+            return sign ? -f : f;
+        }
+    } else {
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* ------------------------------------------------------------------ block scores
+ * Each scores `nb` consecutive blocks (KNN_LANES keys each) against the query `qp` (float32,
+ * zero-padded past `dim`): out[b * KNN_LANES + lane] = q . key, and masks[b] has the bits of the lanes
+ * whose score is above `worst`. Lanes past a list's last key are scored too (the caller ignores them).
+ */
+static inline float elem(const knn_store *s, const uint8_t *block, int64_t at) {
+    if (s->kind == KIND_F32) return ((const float *)block)[at];
+    if (s->kind == KIND_BF16) return bf16_to_f32(((const uint16_t *)block)[at]);
+    return f16_to_f32(((const uint16_t *)block)[at]);
+}
+
+static void score_scalar(const knn_store *s, const float *qp, const uint8_t *blocks, int64_t nb, float worst,
+                         float *out, uint32_t *masks) {
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *block = blocks + b * s->block_bytes;
+        uint32_t mask = 0;
+        for (int64_t lane = 0; lane < KNN_LANES; lane++) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < s->dim; i++) acc += qp[i] * elem(s, block, slot(s, lane, i));
+            out[b * KNN_LANES + lane] = acc;
+            mask |= (uint32_t)(acc > worst) << lane;
+        }
+        masks[b] = mask;
+    }
+}
+
+#ifdef KNN_X86
+/* One row (16 lanes) of a block as float32: the even and odd elements of a bfloat16 row (a 32-bit lane
+ * holds an even element in its low half and the next odd one in its high half: a shift and a mask give
+ * both as float32), or the one element of a float16 / float32 row (`odd` unused). */
+#define KNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) static inline
+
+KNN_AVX512 void row512(const knn_store *s, const uint8_t *block, int64_t r, __m512 *even, __m512 *odd) {
+    if (s->kind == KIND_BF16) {
+        __m512i x = _mm512_loadu_si512((const void *)(block + 64 * r));
+        __asm__("" : "+v"(x)); /* one load for both halves (gcc would fold it into each: ~25% slower) */
+        *even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        *odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
+    } else if (s->kind == KIND_F16) {
+        *even = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + 32 * r)));
+    } else {
+        *even = _mm512_loadu_ps((const float *)(block + 64 * r));
+    }
+}
+
+/* Scores of G blocks from `block` on: the query's elements are broadcast once per row for all G
+ * blocks, and each block has two chains of FMAs. */
+KNN_AVX512 void blocks512(const knn_store *s, const float *qp, const uint8_t *block, int G, __m512 *out) {
+    __m512 acc[4], acc2[4];
+    for (int g = 0; g < G; g++) acc[g] = acc2[g] = _mm512_setzero_ps();
+    if (s->kind == KIND_BF16) {
+        for (int64_t r = 0; r < s->rows; r++) {
+            const __m512 e = _mm512_set1_ps(qp[2 * r]), o = _mm512_set1_ps(qp[2 * r + 1]);
+            for (int g = 0; g < G; g++) {
+                __m512 xe, xo;
+                row512(s, block + g * s->block_bytes, r, &xe, &xo);
+                acc[g] = _mm512_fmadd_ps(xe, e, acc[g]);
+                acc2[g] = _mm512_fmadd_ps(xo, o, acc2[g]);
+            }
+        }
+    } else {
+        int64_t r = 0;
+        for (; r + 2 <= s->rows; r += 2) {
+            const __m512 e = _mm512_set1_ps(qp[r]), o = _mm512_set1_ps(qp[r + 1]);
+            for (int g = 0; g < G; g++) {
+                __m512 x0, x1, unused;
+                row512(s, block + g * s->block_bytes, r, &x0, &unused);
+                row512(s, block + g * s->block_bytes, r + 1, &x1, &unused);
+                acc[g] = _mm512_fmadd_ps(x0, e, acc[g]);
+                acc2[g] = _mm512_fmadd_ps(x1, o, acc2[g]);
+            }
+        }
+        if (r < s->rows) {
+            const __m512 e = _mm512_set1_ps(qp[r]);
+            for (int g = 0; g < G; g++) {
+                __m512 x0, unused;
+                row512(s, block + g * s->block_bytes, r, &x0, &unused);
+                acc[g] = _mm512_fmadd_ps(x0, e, acc[g]);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) out[g] = _mm512_add_ps(acc[g], acc2[g]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void score_avx512(
+    const knn_store *s, const float *qp, const uint8_t *blocks, int64_t nb, float worst, float *out,
+    uint32_t *masks) {
+    const __m512 w = _mm512_set1_ps(worst);
+    __m512 sc[4];
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        blocks512(s, qp, blocks + b * s->block_bytes, 4, sc);
+        for (int g = 0; g < 4; g++) {
+            _mm512_storeu_ps(out + (b + g) * KNN_LANES, sc[g]);
+            masks[b + g] = (uint32_t)_mm512_cmp_ps_mask(sc[g], w, _CMP_GT_OQ);
+        }
+    }
+    for (; b < nb; b++) {
+        blocks512(s, qp, blocks + b * s->block_bytes, 1, sc);
+        _mm512_storeu_ps(out + b * KNN_LANES, sc[0]);
+        masks[b] = (uint32_t)_mm512_cmp_ps_mask(sc[0], w, _CMP_GT_OQ);
+    }
+}
+
+/* the 8 lanes of one half (0: lanes 0-7, 1: lanes 8-15) of a block row */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 row_half(const knn_store *s, const uint8_t *block,
+                                                                     int64_t r, int half) {
+    if (s->kind == KIND_F32) return _mm256_loadu_ps((const float *)(block + 64 * r + 32 * half));
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + 32 * r + 16 * half)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void score_avx2(const knn_store *s, const float *qp,
+                                                              const uint8_t *blocks, int64_t nb, float worst,
+                                                              float *out, uint32_t *masks) {
+    const __m256 w = _mm256_set1_ps(worst);
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *block = blocks + b * s->block_bytes;
+        __m256 lo0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(),
+               hi1 = _mm256_setzero_ps();
+        for (int64_t r = 0; r < s->rows; r++) {
+            if (s->kind == KIND_BF16) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(block + 64 * r));
+                __m256i y = _mm256_loadu_si256((const __m256i *)(block + 64 * r + 32));
+                __m256 e = _mm256_set1_ps(qp[2 * r]), o = _mm256_set1_ps(qp[2 * r + 1]);
+                lo0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), e, lo0);
+                lo1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(x, high)), o, lo1);
+                hi0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(y, 16)), e, hi0);
+                hi1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(y, high)), o, hi1);
+            } else {
+                __m256 qr = _mm256_set1_ps(qp[r]);
+                if (r & 1) {
+                    lo1 = _mm256_fmadd_ps(row_half(s, block, r, 0), qr, lo1);
+                    hi1 = _mm256_fmadd_ps(row_half(s, block, r, 1), qr, hi1);
+                } else {
+                    lo0 = _mm256_fmadd_ps(row_half(s, block, r, 0), qr, lo0);
+                    hi0 = _mm256_fmadd_ps(row_half(s, block, r, 1), qr, hi0);
+                }
+            }
+        }
+        __m256 lo = _mm256_add_ps(lo0, lo1), hi = _mm256_add_ps(hi0, hi1);
+        _mm256_storeu_ps(out + b * KNN_LANES, lo);
+        _mm256_storeu_ps(out + b * KNN_LANES + 8, hi);
+        masks[b] = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(lo, w, _CMP_GT_OQ)) |
+                   ((uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(hi, w, _CMP_GT_OQ)) << 8);
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------ top-k selection
+ * A reservoir of (score, id) candidates: a candidate is appended when it beats `thr`, a lower bound of
+ * the k-th best so far; when the reservoir is full, a quickselect keeps the k best and `thr` becomes
+ * the k-th (exact at that moment). Appending costs a compare and two stores, where a heap would sift
+ * (unpredictable branches) on every better key: the scan finds many, since it visits the best lists
+ * first. */
+typedef struct {
+    float *s;
+    int32_t *id;
+    int64_t n, keep, room;
+    float thr; /* -FLT_MAX until `keep` candidates were kept */
+} knn_topk;
+
+static int topk_new(knn_topk *t, int64_t keep, int64_t extra) {
+    t->keep = keep;
+    t->room = 3 * keep + 64 + extra; /* `extra`: candidates a caller may append between checks */
+    t->s = (float *)malloc((size_t)t->room * sizeof(float));
+    t->id = (int32_t *)malloc((size_t)t->room * sizeof(int32_t));
+    t->n = 0;
+    t->thr = -FLT_MAX;
+    return t->s && t->id ? 0 : -1;
+}
+
+static void topk_free(knn_topk *t) {
+    free(t->s);
+    free(t->id);
+}
+
+static inline void topk_reset(knn_topk *t) {
+    t->n = 0;
+    t->thr = -FLT_MAX;
+}
+
+static inline void swap_pair(float *s, int32_t *id, int64_t a, int64_t b) {
+    float ts = s[a];
+    int32_t ti = id[a];
+    s[a] = s[b];
+    id[a] = id[b];
+    s[b] = ts;
+    id[b] = ti;
+}
+
+/* Floats as unsigned ints of the same order (and back). */
+static inline uint32_t order_key(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static inline float order_value(uint32_t key) {
+    uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* How many of s [n] are >= t (a loop the compiler vectorises; one version per instruction set). */
+#if defined(KNN_X86) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static int64_t count_ge(const float *s, int64_t n, float t) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) c += s[i] >= t;
+    return c;
+}
+
+/* Reorder s / id [n] so that the `keep` largest come first (in no order). The keep-th largest value is
+ * found by bisection over the float order with vectorised counts (no data-dependent branches: a
+ * quickselect mispredicts about every other comparison on such data), then the entries above it and
+ * as many equal to it as needed are moved to the front. */
+static void select_largest(float *s, int32_t *id, int64_t n, int64_t keep) {
+    /* count_ge(order_value(lo)) >= keep > count_ge(order_value(hi + 1)); stop early at a count of keep */
+    uint32_t lo = order_key(-INFINITY), hi = order_key(INFINITY);
+    int exact = 0;
+    while (lo < hi) {
+        const uint32_t mid = lo + (hi - lo + 1) / 2;
+        const int64_t c = count_ge(s, n, order_value(mid));
+        if (c >= keep) lo = mid;
+        if (c < keep) hi = mid - 1;
+        if (c == keep) {
+            exact = 1;
+            break;
+        }
+    }
+    const float t = order_value(lo);
+    if (exact || count_ge(s, n, t) == keep) { /* exactly `keep` entries are >= t: move them forward */
+        int64_t c = 0;
+        for (int64_t i = 0; i < n; i++) { /* branch-free; what is overwritten is dropped anyway */
+            const float v = s[i];
+            const int32_t vi = id[i];
+            s[c] = v;
+            id[c] = vi;
+            c += v >= t;
+        }
+        return;
+    }
+    int64_t above = 0; /* ties at the keep-th value: entries > t first, then as many == t as needed */
+    for (int64_t i = 0; i < n; i++) {
+        if (s[i] > t) swap_pair(s, id, above++, i);
+    }
+    for (int64_t i = above; i < n && above < keep; i++) {
+        if (s[i] == t) swap_pair(s, id, above++, i);
+    }
+}
+
+/* Keep the `keep` best; `thr` becomes the k-th best (when there are `keep`). */
+static void topk_compact(knn_topk *t) {
+    if (t->n > t->keep) {
+        select_largest(t->s, t->id, t->n, t->keep);
+        t->n = t->keep;
+    }
+    if (t->n == t->keep) {
+        float m = t->s[0];
+        for (int64_t i = 1; i < t->n; i++) m = t->s[i] < m ? t->s[i] : m;
+        t->thr = m;
+    }
+}
+
+static void sift_down_min(float *s, int32_t *id, int64_t size, int64_t i) {
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, c;
+        if (l >= size) return;
+        c = (r < size && s[r] < s[l]) ? r : l;
+        if (s[c] >= s[i]) return;
+        swap_pair(s, id, i, c);
+        i = c;
+    }
+}
+
+/* Sort s / id [n] by score, largest first (insertion sort for the small k of attention; heapsort else). */
+static void sort_desc(float *s, int32_t *id, int64_t n) {
+    if (n <= 64) {
+        for (int64_t i = 1; i < n; i++) {
+            float v = s[i];
+            int32_t vi = id[i];
+            int64_t j = i - 1;
+            while (j >= 0 && s[j] < v) {
+                s[j + 1] = s[j];
+                id[j + 1] = id[j];
+                j--;
+            }
+            s[j + 1] = v;
+            id[j + 1] = vi;
+        }
+        return;
+    }
+    /* min-heap, then pop the smallest to the back */
+    for (int64_t i = n / 2 - 1; i >= 0; i--) sift_down_min(s, id, n, i);
+    for (int64_t size = n; size > 1; size--) {
+        swap_pair(s, id, 0, size - 1);
+        sift_down_min(s, id, size - 1, 0);
+    }
+}
+
+/* ------------------------------------------------------------------ the scan */
+#define KNN_RUN 16 /* blocks scored per kernel call */
+
+typedef struct {
+    float *qp, *buf, *rank_s;
+    int64_t *rank_l;
+    knn_topk best;
+    uint32_t masks[KNN_RUN];
+} knn_scratch;
+
+static void scratch_free(knn_scratch *w) {
+    free(w->qp);
+    free(w->buf);
+    free(w->rank_s);
+    free(w->rank_l);
+    topk_free(&w->best);
+}
+
+static int scratch_new(knn_scratch *w, int64_t k, int64_t cap) {
+    memset(w, 0, sizeof *w);
+    w->qp = (float *)calloc(KNN_MAX_DIM + 64, sizeof(float)); /* zero past dim: padding elements */
+    w->buf = (float *)malloc(KNN_RUN * KNN_LANES * sizeof(float));
+    w->rank_s = (float *)malloc((size_t)cap * sizeof(float));
+    w->rank_l = (int64_t *)malloc((size_t)cap * sizeof(int64_t));
+    int bad = topk_new(&w->best, k, KNN_RUN * KNN_LANES);
+    if (bad || !w->qp || !w->buf || !w->rank_s || !w->rank_l) {
+        scratch_free(w);
+        return -1;
+    }
+    return 0;
+}
+
+/* True when k of the candidates kept beat `b`, i.e. the k-th best so far is above it. Every key that
+ * beats `b` >= thr is among the candidates (a key left out or dropped was <= thr), so this is the exact
+ * test, without selecting the k-th (a plain count: the compiler vectorises it). */
+static int k_beat(const knn_topk *t, float b) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < t->n; i++) count += t->s[i] > b;
+    return count >= t->keep;
+}
+
+/* One query (already in w->qp): scan `ranked` [cap] lists with bounds `bound` [cap] as the header says;
+ * its top-k, best first, into os / oi [k]. */
+static void scan_query(const knn_store *s, knn_scratch *w, int isa, int64_t k, const int64_t *ranked,
+                       const float *bound, int64_t cap, int64_t nprobe, float *os, int64_t *oi, int64_t *stats) {
+    knn_topk *t = &w->best;
+    topk_reset(t);
+    for (int64_t j = 0; j < cap; j++) {
+        /* certain: no key left can enter the top-k (thr is a lower bound of the k-th best, so the first
+         * test is safe and cheap; the second is exact) */
+        if (j >= nprobe && ((t->thr > -FLT_MAX && bound[j] < t->thr) || k_beat(t, bound[j]))) break;
+        if (j == cap - 1 && j >= nprobe) stats[2]++;
+        const knn_list *li = &s->lists[ranked[j]];
+        stats[0]++;
+        stats[1] += li->size;
+        const int64_t blocks = (li->size + KNN_LANES - 1) / KNN_LANES;
+        for (int64_t b0 = 0; b0 < blocks; b0 += KNN_RUN) {
+            const int64_t nb = blocks - b0 < KNN_RUN ? blocks - b0 : KNN_RUN;
+            const uint8_t *x = (const uint8_t *)li->codes + b0 * s->block_bytes;
+            if (t->n + nb * KNN_LANES > t->room) topk_compact(t);
+            const int64_t before = t->n;
+#ifdef KNN_X86
+            if (isa == ISA_AVX512)
+                score_avx512(s, w->qp, x, nb, t->thr, w->buf, w->masks);
+            else if (isa == ISA_AVX2)
+                score_avx2(s, w->qp, x, nb, t->thr, w->buf, w->masks);
+            else
+#endif
+                score_scalar(s, w->qp, x, nb, t->thr, w->buf, w->masks);
+            for (int64_t b = 0; b < nb; b++) {
+                uint32_t mask = w->masks[b];
+                const int64_t first = (b0 + b) * KNN_LANES, valid = li->size - first;
+                if (valid < KNN_LANES) mask &= (1u << valid) - 1u;
+                while (mask) {
+                    const int lane = __builtin_ctz(mask);
+                    mask &= mask - 1u;
+                    t->s[t->n] = w->buf[b * KNN_LANES + lane];
+                    t->id[t->n] = li->ids[first + lane];
+                    t->n++;
+                }
+            }
+            stats[3] += t->n - before;
+            /* a threshold from the keys seen so far: later keys below it are not even appended */
+            if (t->n >= 4 * t->keep || (t->thr == -FLT_MAX && t->n >= t->keep)) topk_compact(t);
+        }
+    }
+    topk_compact(t);
+    sort_desc(t->s, t->id, t->n);
+    for (int64_t r = 0; r < k; r++) {
+        os[r] = r < t->n ? t->s[r] : -INFINITY;
+        oi[r] = r < t->n ? t->id[r] : -1;
+    }
+}
+
+/* For each of the m queries q [m, dim]: scan its lists [m, cap] (ranked, with their bounds [m, cap]) as
+ * the header says and write its top-k (scores, ids) [m, k], best first; empty slots get -inf and -1.
+ * stats[0..3] += lists scanned, keys scanned, queries that scanned all `cap` lists (cap > nprobe), keys
+ * that were candidates for the top-k (above the threshold of the moment).
+ * Returns 0, or -1 when out of memory. */
+int knn_scan(void *h, int64_t m, const float *q, int64_t k, int64_t cap, int64_t nprobe, const int64_t *lists,
+             const float *bounds, float *out_s, int64_t *out_i, int64_t *stats) {
+    knn_store *s = (knn_store *)h;
+    knn_scratch w;
+    if (scratch_new(&w, k, cap)) return -1;
+    const int isa = knn_isa();
+    for (int64_t iq = 0; iq < m; iq++) {
+        memcpy(w.qp, q + iq * s->dim, (size_t)s->dim * sizeof(float));
+        scan_query(s, &w, isa, k, lists + iq * cap, bounds + iq * cap, cap, nprobe, out_s + iq * k,
+                   out_i + iq * k, stats);
+    }
+    scratch_free(&w);
+    return 0;
+}
+
+/* The `cap` largest of bound [nlist] (largest first) into rank_s / rank_l; s / id: room for nlist. */
+static void rank_lists(const float *bound, int64_t nlist, int64_t cap, float *s, int32_t *id, float *rank_s,
+                       int64_t *rank_l) {
+    memcpy(s, bound, (size_t)nlist * sizeof(float));
+    for (int64_t l = 0; l < nlist; l++) id[l] = (int32_t)l;
+    if (nlist > cap) select_largest(s, id, nlist, cap);
+    sort_desc(s, id, cap);
+    for (int64_t r = 0; r < cap; r++) {
+        rank_s[r] = s[r];
+        rank_l[r] = id[r];
+    }
+}
+
+/* knn_scan with the ranking done here: each query's lists are the `cap` (<= nlist) of largest bound in
+ * its row of bound [m, nlist], in that order. */
+int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound, int64_t cap, int64_t nprobe,
+               float *out_s, int64_t *out_i, int64_t *stats) {
+    knn_store *s = (knn_store *)h;
+    knn_scratch w;
+    if (scratch_new(&w, k, cap)) return -1;
+    const int isa = knn_isa();
+    float *rs = (float *)malloc((size_t)(s->nlist + 16) * sizeof(float));
+    int32_t *ri = (int32_t *)malloc((size_t)(s->nlist + 16) * sizeof(int32_t));
+    if (!rs || !ri) {
+        free(rs);
+        free(ri);
+        scratch_free(&w);
+        return -1;
+    }
+    for (int64_t iq = 0; iq < m; iq++) {
+        rank_lists(bound + iq * s->nlist, s->nlist, cap, rs, ri, w.rank_s, w.rank_l);
+        memcpy(w.qp, q + iq * s->dim, (size_t)s->dim * sizeof(float));
+        scan_query(s, &w, isa, k, w.rank_l, w.rank_s, cap, nprobe, out_s + iq * k, out_i + iq * k, stats);
+    }
+    free(rs);
+    free(ri);
+    scratch_free(&w);
+    return 0;
+}

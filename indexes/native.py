@@ -1,0 +1,107 @@
+"""The compiled inverted lists (``indexes/_inverted_lists.c``), loaded with ctypes.
+
+The installer builds the C file as an optional extension (``setup.py``): it needs a C compiler, and
+an install without one still works, with :mod:`indexes.inverted_lists` falling back to its Python
+lists (same results, several times slower; a warning says so once). The library is plain C with no
+Python API, so one build serves every Python version of a platform. It picks AVX-512, AVX2 or plain C
+at run time (:func:`isa`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import logging
+import threading
+from pathlib import Path
+
+VERSION = 1  # knn_version() of the C file this module was written for
+ISA_NAMES = ("scalar", "avx2", "avx512")
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_loaded: list[ctypes.CDLL | None] = []  # [] until the first load attempt
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "knn_version": (ctypes.c_int, []),
+    "knn_isa": (ctypes.c_int, []),
+    "knn_best_isa": (ctypes.c_int, []),
+    "knn_set_isa": (ctypes.c_int, [ctypes.c_int]),
+    "knn_store_new": (_P, [_I, _I, _I]),
+    "knn_store_free": (None, [_P]),
+    "knn_store_reserve": (ctypes.c_int, [_P, _P]),
+    "knn_store_add": (ctypes.c_int, [_P, _I, _P, _P, _P]),
+    "knn_store_sizes": (None, [_P, _P]),
+    "knn_store_capacities": (None, [_P, _P]),
+    "knn_store_nbytes": (_I, [_P]),
+    "knn_store_export": (None, [_P, _P, _P]),
+    "knn_store_truncate": (None, [_P, _I]),
+    "knn_scan": (ctypes.c_int, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _P]),
+    "knn_search": (ctypes.c_int, [_P, _I, _P, _I, _P, _I, _I, _P, _P, _P]),
+}
+
+
+def library_path() -> Path | None:
+    """Where the built library is (next to this file, named like an extension module), or None."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_inverted_lists{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library with its signatures declared, or None where it is missing or stale."""
+    with _lock:
+        if not _loaded:
+            _loaded.append(_load())
+        return _loaded[0]
+
+
+def _load() -> ctypes.CDLL | None:
+    path = library_path()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        log.warning("cannot load %s (%s): the 'auto' index uses its Python lists", path.name, err)
+        return None
+    if not hasattr(lib, "knn_version") or lib.knn_version() != VERSION:
+        log.warning("%s is from another version of the library: reinstall to rebuild it", path.name)
+        return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def available() -> bool:
+    """True when the compiled inverted lists are built and load."""
+    return library() is not None
+
+
+def isa() -> str:
+    """The instruction set the compiled scan uses: ``"avx512"``, ``"avx2"``, ``"scalar"`` (or ``"none"``)."""
+    lib = library()
+    return "none" if lib is None else ISA_NAMES[lib.knn_isa()]
+
+
+def set_isa(name: str) -> str:
+    """Use at most instruction set ``name`` (one of :data:`ISA_NAMES`; for tests and benchmarks);
+    returns the one in use (capped at what the CPU has). Process-wide."""
+    if name not in ISA_NAMES:
+        raise ValueError(f"isa must be one of {list(ISA_NAMES)}, got {name!r}")
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled inverted lists are not built (reinstall with a C compiler)")
+    return ISA_NAMES[lib.knn_set_isa(ISA_NAMES.index(name))]
+
+
+def best_isa() -> str:
+    """The best instruction set this CPU offers the compiled scan (``"none"`` without the library)."""
+    lib = library()
+    return "none" if lib is None else ISA_NAMES[lib.knn_best_isa()]

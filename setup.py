@@ -1,0 +1,18 @@
+"""Build of the one compiled part: the inverted lists of the ``"auto"`` index (plain C, loaded with ctypes).
+
+Everything else is in ``setup.cfg``. The extension is optional: without a C compiler the install still
+succeeds and :mod:`indexes.inverted_lists` uses its Python lists (a warning says so at first use).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "indexes._inverted_lists",
+            sources=["indexes/_inverted_lists.c"],
+            extra_compile_args=["-O3", "-std=c11"],
+            optional=True,
+        )
+    ]
+)

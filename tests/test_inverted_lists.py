@@ -1,0 +1,272 @@
+"""The inverted lists of the "auto" index: compiled (every instruction set) and Python lists alike,
+exact against brute force, certified early stops, storage, growth, persistence."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from indexes import native
+from indexes.bounded_ivf import BoundedIVF
+from indexes.inverted_lists import InvertedLists, key_bytes
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+ENGINES = ["python"] + (
+    [f"native-{isa}" for isa in native.ISA_NAMES[: native.ISA_NAMES.index(native.best_isa()) + 1]]
+    if native.available()
+    else []
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa():
+    yield
+    if native.available():
+        native.set_isa("avx512")  # capped at the CPU's best: what a process starts with
+
+
+def make(engine: str, nlist: int, dim: int, dtype: torch.dtype) -> InvertedLists:
+    if engine == "python":
+        return InvertedLists(nlist, dim, dtype, native=False)
+    native.set_isa(engine.removeprefix("native-"))
+    return InvertedLists(nlist, dim, dtype, native=True)
+
+
+def filled(engine, nlist, dim, dtype, n, seed=0, step=333):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, dim, generator=g).to(dtype)
+    owner = torch.randint(0, nlist, (n,), generator=g)
+    lists = make(engine, nlist, dim, dtype)
+    for begin in range(0, n, step):
+        end = min(n, begin + step)
+        lists.add(keys[begin:end], owner[begin:end], torch.arange(begin, end))
+    return lists, keys, owner
+
+
+def test_the_compiled_lists_are_built_here():
+    """The install builds them (setup.py); a silent fall-back to the Python lists would hide a break."""
+    assert native.available(), "indexes/_inverted_lists.c was not built: reinstall (pip install -e .)"
+    assert native.isa() in native.ISA_NAMES
+    with pytest.raises(ValueError, match="isa must be one of"):
+        native.set_isa("sse9")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [32, 100, 7, 1])
+def test_scan_of_every_list_is_the_exact_top_k(engine, dtype, dim):
+    lists, keys, _ = filled(engine, 13, dim, dtype, 2000)
+    q = torch.randn(11, dim, generator=torch.Generator().manual_seed(1))
+    ranked = torch.stack([torch.randperm(13, generator=torch.Generator().manual_seed(i)) for i in range(11)])
+    bounds = torch.full((11, 13), 1e30)
+    scores, ids, (scanned, seen, capped) = lists.scan(q.numpy(), 20, ranked, bounds, 13)
+    exact = q @ keys.float().T
+    ref = torch.topk(exact, 20)
+    torch.testing.assert_close(torch.from_numpy(scores), ref.values, atol=2e-5, rtol=1e-5)
+    # the ids are those of the scores: each score is its key's inner product
+    torch.testing.assert_close(
+        torch.gather(exact, 1, torch.from_numpy(ids)), ref.values, atol=2e-5, rtol=1e-5
+    )
+    assert (scanned, seen, capped) == (11 * 13, 11 * 2000, 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fewer_keys_than_k_leave_empty_slots(engine):
+    lists, _keys, _owner = filled(engine, 4, 8, torch.bfloat16, 5)
+    q = torch.randn(2, 8)
+    ranked = torch.arange(4).expand(2, -1).contiguous()
+    scores, ids, _ = lists.scan(q.numpy(), 9, ranked, torch.zeros(2, 4), 4)
+    assert (ids[:, :5] >= 0).all() and (ids[:, 5:] == -1).all()
+    assert np.isneginf(scores[:, 5:]).all() and np.isfinite(scores[:, :5]).all()
+    assert (np.diff(scores[:, :5], axis=1) <= 0).all()  # best first
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_query_stops_when_the_next_bound_is_below_its_kth_score(engine):
+    """Lists ranked by true bounds: the scan stops early, certain, and is still exact; a query whose
+    bounds never fall below its k-th score scans all `cap` lists and is counted as capped."""
+    g = torch.Generator().manual_seed(2)
+    owner = torch.randint(0, 16, (1600,), generator=g)
+    x = (torch.randn(16, 8, generator=g) * 4)[owner] + 0.3 * torch.randn(1600, 8, generator=g)  # clusters
+    lists = make(engine, 16, 8, torch.float32)
+    lists.add(x, owner, torch.arange(1600))
+    hi = torch.full((16, 8), -1e30).scatter_reduce(0, owner[:, None].expand(-1, 8), x, "amax")
+    lo = torch.full((16, 8), 1e30).scatter_reduce(0, owner[:, None].expand(-1, 8), x, "amin")
+    q = torch.randn(6, 8, generator=torch.Generator().manual_seed(3)) * 3
+    bound = q.clamp_min(0) @ hi.T + q.clamp_max(0) @ lo.T
+    bounds, ranked = torch.sort(bound, dim=1, descending=True)
+    scores, _ids, (scanned, _, capped) = lists.scan(q.numpy(), 5, ranked, bounds, 1)
+    torch.testing.assert_close(torch.from_numpy(scores), torch.topk(q @ x.T, 5).values, atol=1e-5, rtol=1e-5)
+    assert scanned < 6 * 16 and capped == 0  # certain before the last list
+    # bounds that never let a query stop: every list is scanned, the queries count as capped
+    _, _, (scanned, _, capped) = lists.scan(q.numpy(), 5, ranked, torch.full_like(bounds, 1e30), 1)
+    assert (scanned, capped) == (6 * 16, 6)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_search_ranks_the_lists_itself_as_scan_over_the_top_bounds(engine):
+    lists, _keys, _ = filled(engine, 40, 16, torch.bfloat16, 3000)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(17, 16, generator=g)
+    bound = torch.randn(17, 40, generator=g) * 5 + 20  # high enough that the scans stop at various lists
+    for cap, nprobe in ((40, 40), (12, 3), (5, 5), (1, 1)):
+        top, ranked = torch.topk(bound, cap, dim=1)
+        want = lists.scan(q.numpy(), 9, ranked, top, nprobe)
+        got = lists.search(q.numpy(), 9, bound, cap, nprobe)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[2] == want[2]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_export_gives_the_keys_back_bit_for_bit_and_truncate_keeps_the_first(engine, dtype):
+    lists, keys, owner = filled(engine, 7, 9, dtype, 500)
+    codes, ids = lists.export()
+    assert torch.equal(torch.sort(ids).values, torch.arange(500))
+    back = torch.empty_like(keys)
+    back[ids] = codes
+    assert torch.equal(back.view(torch.uint8), keys.view(torch.uint8))
+    assert torch.equal(lists.sizes(), torch.bincount(owner, minlength=7))
+    lists.truncate(321)
+    codes, ids = lists.export()
+    assert torch.equal(torch.sort(ids).values, torch.arange(321))
+    assert torch.equal(codes.view(torch.uint8), keys[ids].view(torch.uint8))
+    # adding after a truncation continues cleanly (the dropped room is reused)
+    more = torch.randn(50, 9).to(dtype)
+    lists.add(more, torch.zeros(50, dtype=torch.int64), torch.arange(321, 371))
+    q = torch.randn(3, 9)
+    everything = torch.cat([keys[:321], more]).float()
+    scores, _, _ = lists.scan(q.numpy(), 4, torch.arange(7).expand(3, -1).contiguous(), torch.zeros(3, 7), 7)
+    torch.testing.assert_close(
+        torch.from_numpy(scores), torch.topk(q @ everything.T, 4).values, atol=1e-5, rtol=1e-5
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    adds=st.lists(st.integers(1, 90), min_size=1, max_size=8),
+    cut=st.floats(0, 1),
+    dim=st.sampled_from([3, 16, 33]),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_compiled_and_python_lists_hold_and_find_the_same(adds, cut, dim, dtype):
+    """Any sequence of adds and a truncation: same sizes, room, bytes, exported keys and scan results."""
+    if not native.available():
+        pytest.skip("compiled lists not built")
+    g = torch.Generator().manual_seed(sum(adds))
+    a = InvertedLists(5, dim, dtype, native=True)
+    b = InvertedLists(5, dim, dtype, native=False)
+    n = 0
+    for count in adds:
+        x = torch.randn(count, dim, generator=g).to(dtype)
+        owner = torch.randint(0, 5, (count,), generator=g)
+        for lists in (a, b):
+            lists.add(x, owner, torch.arange(n, n + count))
+        n += count
+    for lists in (a, b):
+        lists.truncate(int(cut * n))
+    assert torch.equal(a.sizes(), b.sizes()) and torch.equal(a.capacities(), b.capacities())
+    assert a.nbytes() == b.nbytes() == int(a.capacities().sum()) * key_bytes(a) + 5 * 32
+    (ca, ia), (cb, ib) = a.export(), b.export()
+    assert torch.equal(ia, ib) and torch.equal(ca.view(torch.uint8), cb.view(torch.uint8))
+    q = torch.randn(4, dim, generator=g)
+    ranked = torch.stack([torch.randperm(5, generator=g) for _ in range(4)])
+    bounds = torch.sort(torch.randn(4, 5, generator=g) * 3, dim=1, descending=True).values
+    sa, _ida, sta = a.scan(q.numpy(), 6, ranked, bounds, 2)
+    sb, _idb, stb = b.scan(q.numpy(), 6, ranked, bounds, 2)
+    np.testing.assert_allclose(sa, sb, atol=1e-4, rtol=1e-5)
+    assert sta == stb
+
+
+def test_growth_leaves_at_most_a_quarter_unused():
+    lists = InvertedLists(3, 32, torch.bfloat16)
+    lists.reserve(torch.tensor([100, 0, 7]))
+    assert lists.capacities().tolist() == [112, 0, 16]  # exact, in whole blocks of 16 keys
+    lists = InvertedLists(3, 32, torch.bfloat16)
+    for i in range(2000):
+        lists.add(torch.randn(1, 32).bfloat16(), torch.tensor([i % 3]), torch.tensor([i]))
+        room, size = lists.capacities(), lists.sizes()
+        assert bool((room >= size).all()) and bool(
+            (room <= torch.clamp_min(size * 5 // 4, size + 16) + 16).all()
+        )
+    assert lists.nbytes() == int(lists.capacities().sum()) * (32 * 2 + 4) + 3 * 32
+
+
+# ---------------------------------------------------------------------- the index over the lists
+def built(n=3000, lists=24, dtype=torch.bfloat16):
+    keys = torch.randn(n, 16, generator=torch.Generator().manual_seed(5)).to(dtype).float().numpy()
+    ivf = BoundedIVF.build(keys, keys[:800], lists, dtype, niter=5)
+    ivf.nprobe, ivf.max_nprobe = 2, 8
+    return ivf, keys
+
+
+def test_state_pickle_and_deepcopy_give_an_index_that_searches_alike():
+    ivf, keys = built()
+    q = np.random.default_rng(0).standard_normal((9, 16)).astype(np.float32)
+    ref = ivf.search(q, 7)
+    loaded = BoundedIVF.from_state(ivf.state())
+    loaded.nprobe, loaded.max_nprobe = 2, 8  # knobs are the caller's, not part of the state
+    for other in (loaded, pickle.loads(pickle.dumps(ivf)), copy.deepcopy(ivf)):
+        got = other.search(q, 7)
+        assert np.array_equal(got[1], ref[1]) and np.array_equal(got[0], ref[0])
+        assert np.array_equal(other.decode_all(), keys)
+    assert (pickle.loads(pickle.dumps(ivf)).nprobe, copy.deepcopy(ivf).max_nprobe) == (2, 8)
+
+
+def test_a_state_saved_by_the_faiss_based_index_still_loads():
+    """Earlier versions saved the "auto" index as a Faiss IVF (bf16 codes) beside bounds and counts."""
+    ivf, keys = built()
+    quantizer = faiss.IndexFlatL2(16)
+    quantizer.add(ivf.centroids.numpy())
+    old = faiss.IndexIVFScalarQuantizer(
+        quantizer, 16, ivf.nlist, faiss.ScalarQuantizer.QT_bf16, faiss.METRIC_INNER_PRODUCT, False
+    )
+    old.is_trained = True
+    assign = ivf.assign(torch.from_numpy(keys)).numpy()  # held: swig_ptr does not keep it alive
+    old.add_core(len(keys), faiss.swig_ptr(keys), None, faiss.swig_ptr(assign))
+    state = {
+        "faiss": torch.from_numpy(faiss.serialize_index(old)),
+        "bounds": ivf.bounds,
+        "counts": ivf.counts,
+    }
+    back = BoundedIVF.from_state(state, dim=16)
+    assert np.array_equal(back.decode_all(), keys) and torch.equal(back.counts, ivf.counts)
+    back.nprobe, back.max_nprobe = 2, 8
+    q = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+    assert np.array_equal(back.search(q, 4)[1], ivf.search(q, 4)[1])
+    with pytest.raises(ValueError, match="list counts do not match"):
+        BoundedIVF.from_state({**state, "counts": ivf.counts.flip(0)})
+
+
+def test_a_saved_state_is_checked_before_it_is_used():
+    ivf, _ = built(n=500, lists=8)
+    state = ivf.state()
+    ids = state["ids"].clone()
+    ids[0] = ids[1]
+    with pytest.raises(ValueError, match=r"ids are not 0\.\.499, each once"):
+        BoundedIVF.from_state({**state, "ids": ids})
+    first = int(state["counts"][0])
+    swapped = state["ids"].clone()
+    swapped[[0, first - 1]] = swapped[[first - 1, 0]]
+    with pytest.raises(ValueError, match="do not rise along each list"):
+        BoundedIVF.from_state({**state, "ids": swapped})
+    codes = state["codes"].clone()
+    codes[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="codes contain NaN"):
+        BoundedIVF.from_state({**state, "codes": codes})
+    with pytest.raises(ValueError, match="codes must be a"):
+        BoundedIVF.from_state({**state, "codes": state["codes"].to(torch.float64)})
+    with pytest.raises(ValueError, match="has dim 16, expected 8"):
+        BoundedIVF.from_state(state, dim=8)
+    with pytest.raises(ValueError, match="counts do not match the codes"):
+        BoundedIVF.from_state({**state, "counts": state["counts"] * 2})
+    with pytest.raises(ValueError, match="centroids contain NaN"):
+        BoundedIVF.from_state({**state, "centroids": state["centroids"] * float("nan")})
