@@ -163,6 +163,25 @@ int knn_store_add(void *h, int64_t n, const void *codes, const int64_t *lists, c
     return 0;
 }
 
+/* knn_store_add, and the lists' boxes: bounds [nlist, 2 dim] float32 (per-channel maxima, then minima)
+ * widened to hold keys [n, dim] float32, and counts [nlist] int64 incremented. */
+int knn_store_add_boxed(void *h, int64_t n, const void *codes, const int64_t *lists, const int64_t *ids,
+                        const float *keys, float *bounds, int64_t *counts) {
+    knn_store *s = (knn_store *)h;
+    if (knn_store_add(h, n, codes, lists, ids)) return -1;
+    const int64_t d = s->dim;
+    for (int64_t r = 0; r < n; r++) {
+        float *hi = bounds + lists[r] * 2 * d, *lo = hi + d;
+        const float *x = keys + r * d;
+        for (int64_t i = 0; i < d; i++) {
+            hi[i] = x[i] > hi[i] ? x[i] : hi[i];
+            lo[i] = x[i] < lo[i] ? x[i] : lo[i];
+        }
+        counts[lists[r]]++;
+    }
+    return 0;
+}
+
 void knn_store_sizes(void *h, int64_t *out) {
     knn_store *s = (knn_store *)h;
     for (int64_t l = 0; l < s->nlist; l++) out[l] = s->lists[l].size;
@@ -525,6 +544,12 @@ static void sift_down_min(float *s, int32_t *id, int64_t size, int64_t i) {
     }
 }
 
+/* A threshold from the candidates so far (later keys below it are not even appended), once there are k,
+ * then again whenever the reservoir holds 4k. */
+static inline void topk_settle(knn_topk *t) {
+    if (t->n >= 4 * t->keep || (t->thr == -FLT_MAX && t->n >= t->keep)) topk_compact(t);
+}
+
 /* Sort s / id [n] by score, largest first (insertion sort for the small k of attention; heapsort else). */
 static void sort_desc(float *s, int32_t *id, int64_t n) {
     if (n <= 64) {
@@ -593,11 +618,10 @@ static int k_beat(const knn_topk *t, float b) {
 
 /* One query (already in w->qp): scan `ranked` [cap] lists with bounds `bound` [cap] as the header says;
  * its top-k, best first, into os / oi [k]. */
-static void scan_query(const knn_store *s, knn_scratch *w, int isa, int64_t k, const int64_t *ranked,
-                       const float *bound, int64_t cap, int64_t nprobe, float *os, int64_t *oi, int64_t *stats) {
-    knn_topk *t = &w->best;
-    topk_reset(t);
-    for (int64_t j = 0; j < cap; j++) {
+static void scan_query(const knn_store *s, knn_scratch *w, knn_topk *t, const float *qp, int isa, int64_t k,
+                       const int64_t *ranked, const float *bound, int64_t start, int64_t cap, int64_t nprobe,
+                       float *os, int64_t *oi, int64_t *stats) {
+    for (int64_t j = start; j < cap; j++) {
         /* certain: no key left can enter the top-k (thr is a lower bound of the k-th best, so the first
          * test is safe and cheap; the second is exact) */
         if (j >= nprobe && ((t->thr > -FLT_MAX && bound[j] < t->thr) || k_beat(t, bound[j]))) break;
@@ -613,12 +637,12 @@ static void scan_query(const knn_store *s, knn_scratch *w, int isa, int64_t k, c
             const int64_t before = t->n;
 #ifdef KNN_X86
             if (isa == ISA_AVX512)
-                score_avx512(s, w->qp, x, nb, t->thr, w->buf, w->masks);
+                score_avx512(s, qp, x, nb, t->thr, w->buf, w->masks);
             else if (isa == ISA_AVX2)
-                score_avx2(s, w->qp, x, nb, t->thr, w->buf, w->masks);
+                score_avx2(s, qp, x, nb, t->thr, w->buf, w->masks);
             else
 #endif
-                score_scalar(s, w->qp, x, nb, t->thr, w->buf, w->masks);
+                score_scalar(s, qp, x, nb, t->thr, w->buf, w->masks);
             for (int64_t b = 0; b < nb; b++) {
                 uint32_t mask = w->masks[b];
                 const int64_t first = (b0 + b) * KNN_LANES, valid = li->size - first;
@@ -632,8 +656,7 @@ static void scan_query(const knn_store *s, knn_scratch *w, int isa, int64_t k, c
                 }
             }
             stats[3] += t->n - before;
-            /* a threshold from the keys seen so far: later keys below it are not even appended */
-            if (t->n >= 4 * t->keep || (t->thr == -FLT_MAX && t->n >= t->keep)) topk_compact(t);
+            topk_settle(t);
         }
     }
     topk_compact(t);
@@ -644,6 +667,147 @@ static void scan_query(const knn_store *s, knn_scratch *w, int isa, int64_t k, c
     }
 }
 
+#ifdef KNN_X86
+/* Scores of one block for G queries (pointers to their padded vectors): each row is loaded once. */
+KNN_AVX512 void block_multi(const knn_store *s, const float *const *qv, const int G, const uint8_t *block, __m512 *out) {
+    __m512 acc[8], acc2[8];
+    for (int g = 0; g < G; g++) acc[g] = acc2[g] = _mm512_setzero_ps();
+    const int width = (int)s->width;
+    for (int64_t r = 0; r < s->rows; r++) {
+        __m512 xe, xo = _mm512_setzero_ps();
+        row512(s, block, r, &xe, &xo);
+        for (int g = 0; g < G; g++) { /* the sums of blocks512, in the same order: the same bits */
+            if (width == 2) {
+                acc[g] = _mm512_fmadd_ps(xe, _mm512_set1_ps(qv[g][2 * r]), acc[g]);
+                acc2[g] = _mm512_fmadd_ps(xo, _mm512_set1_ps(qv[g][2 * r + 1]), acc2[g]);
+            } else if (r & 1) {
+                acc2[g] = _mm512_fmadd_ps(xe, _mm512_set1_ps(qv[g][r]), acc2[g]);
+            } else {
+                acc[g] = _mm512_fmadd_ps(xe, _mm512_set1_ps(qv[g][r]), acc[g]);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) out[g] = _mm512_add_ps(acc[g], acc2[g]);
+}
+
+/* Scores of one block for G queries into out [G, 16], and masks[g]: the lanes above thr[g]. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void score_group(const knn_store *s, const float *const *qv,
+                                                                           int G, const uint8_t *block,
+                                                                           const float *thr, float *out,
+                                                                           uint32_t *masks) {
+    __m512 sc[8];
+    switch (G) { /* a constant G per copy: the accumulators stay in registers */
+        case 1: block_multi(s, qv, 1, block, sc); break;
+        case 2: block_multi(s, qv, 2, block, sc); break;
+        case 3: block_multi(s, qv, 3, block, sc); break;
+        case 4: block_multi(s, qv, 4, block, sc); break;
+        case 5: block_multi(s, qv, 5, block, sc); break;
+        case 6: block_multi(s, qv, 6, block, sc); break;
+        case 7: block_multi(s, qv, 7, block, sc); break;
+        default: block_multi(s, qv, 8, block, sc); break;
+    }
+    for (int g = 0; g < G; g++) {
+        _mm512_storeu_ps(out + g * KNN_LANES, sc[g]);
+        masks[g] = (uint32_t)_mm512_cmp_ps_mask(sc[g], _mm512_set1_ps(thr[g]), _CMP_GT_OQ);
+    }
+}
+#endif
+
+/* The first p0 lists of every query (all scanned, in any order): list by list, each block loaded once
+ * for every query that ranks the list there (a window's queries share many lists). AVX-512 only;
+ * returns 0 (nothing done) elsewhere, else p0. */
+static int64_t scan_shared(const knn_store *s, int isa, int64_t m, const float *qps, int64_t dp, const int64_t *ranked,
+                           int64_t cap, int64_t p0, knn_topk *tops, int64_t *stats) {
+#ifdef KNN_X86
+    if (isa != ISA_AVX512 || p0 == 0 || m < 2) return 0;
+    const int64_t L = s->nlist;
+    int64_t *first = (int64_t *)calloc((size_t)L + 1, sizeof(int64_t));
+    int32_t *who = (int32_t *)malloc((size_t)(m * p0) * sizeof(int32_t));
+    if (!first || !who) {
+        free(first);
+        free(who);
+        return 0; /* the per-query scan does it all */
+    }
+    for (int64_t iq = 0; iq < m; iq++)
+        for (int64_t j = 0; j < p0; j++) first[ranked[iq * cap + j] + 1]++;
+    for (int64_t l = 0; l < L; l++) first[l + 1] += first[l];
+    for (int64_t iq = 0; iq < m; iq++) /* counting sort: the queries of list l at who[first[l]..] */
+        for (int64_t j = 0; j < p0; j++) who[first[ranked[iq * cap + j]]++] = (int32_t)iq;
+    for (int64_t l = L; l > 0; l--) first[l] = first[l - 1];
+    first[0] = 0;
+    float sc[8 * KNN_LANES];
+    for (int64_t l = 0; l < L; l++) {
+        const knn_list *li = &s->lists[l];
+        for (int64_t g0 = first[l]; g0 < first[l + 1]; g0 += 8) {
+            const int G = (int)(first[l + 1] - g0 < 8 ? first[l + 1] - g0 : 8);
+            const float *qv[8];
+            for (int g = 0; g < G; g++) {
+                qv[g] = qps + who[g0 + g] * dp;
+                stats[0]++;
+                stats[1] += li->size;
+            }
+            for (int64_t b = 0; b * KNN_LANES < li->size; b++) {
+                float thr[8];
+                uint32_t masks[8];
+                for (int g = 0; g < G; g++) thr[g] = tops[who[g0 + g]].thr;
+                score_group(s, qv, G, (const uint8_t *)li->codes + b * s->block_bytes, thr, sc, masks);
+                const int64_t valid = li->size - b * KNN_LANES;
+                const uint32_t lanes = valid < KNN_LANES ? (1u << valid) - 1u : 0xffffu;
+                for (int g = 0; g < G; g++) {
+                    uint32_t mask = masks[g] & lanes;
+                    if (!mask) continue;
+                    knn_topk *t = &tops[who[g0 + g]];
+                    if (t->n + KNN_LANES > t->room) topk_compact(t);
+                    const int64_t before = t->n;
+                    while (mask) {
+                        const int lane = __builtin_ctz(mask);
+                        mask &= mask - 1u;
+                        t->s[t->n] = sc[g * KNN_LANES + lane];
+                        t->id[t->n] = li->ids[b * KNN_LANES + lane];
+                        t->n++;
+                    }
+                    stats[3] += t->n - before;
+                    topk_settle(t);
+                }
+            }
+        }
+    }
+    free(first);
+    free(who);
+    return p0;
+#else
+    (void)s, (void)isa, (void)m, (void)qps, (void)dp, (void)ranked, (void)cap, (void)p0, (void)tops, (void)stats;
+    return 0;
+#endif
+}
+
+/* Every query's scan (see the header) over its ranked lists [m, cap] with their bounds [m, cap]. */
+static int scan_all(const knn_store *s, int64_t m, const float *q, int64_t k, const int64_t *ranked,
+                    const float *bounds, int64_t cap, int64_t nprobe, float *out_s, int64_t *out_i, int64_t *stats) {
+    knn_scratch w;
+    if (scratch_new(&w, k, cap)) return -1;
+    const int isa = knn_isa();
+    const int64_t dp = (s->rows * s->width + 31) / 16 * 16; /* padded query length (zeros past dim) */
+    float *qps = (float *)calloc((size_t)(m * dp), sizeof(float));
+    knn_topk *tops = (knn_topk *)calloc((size_t)m, sizeof(knn_topk));
+    int rc = qps && tops ? 0 : -1;
+    for (int64_t iq = 0; rc == 0 && iq < m; iq++) {
+        memcpy(qps + iq * dp, q + iq * s->dim, (size_t)s->dim * sizeof(float));
+        rc = topk_new(&tops[iq], k, KNN_RUN * KNN_LANES);
+    }
+    if (rc == 0) {
+        const int64_t start = scan_shared(s, isa, m, qps, dp, ranked, cap, nprobe < cap ? nprobe : cap, tops, stats);
+        for (int64_t iq = 0; iq < m; iq++)
+            scan_query(s, &w, &tops[iq], qps + iq * dp, isa, k, ranked + iq * cap, bounds + iq * cap, start, cap,
+                       nprobe, out_s + iq * k, out_i + iq * k, stats);
+    }
+    for (int64_t iq = 0; tops && iq < m; iq++) topk_free(&tops[iq]);
+    free(tops);
+    free(qps);
+    scratch_free(&w);
+    return rc;
+}
+
 /* For each of the m queries q [m, dim]: scan its lists [m, cap] (ranked, with their bounds [m, cap]) as
  * the header says and write its top-k (scores, ids) [m, k], best first; empty slots get -inf and -1.
  * stats[0..3] += lists scanned, keys scanned, queries that scanned all `cap` lists (cap > nprobe), keys
@@ -651,17 +815,7 @@ static void scan_query(const knn_store *s, knn_scratch *w, int isa, int64_t k, c
  * Returns 0, or -1 when out of memory. */
 int knn_scan(void *h, int64_t m, const float *q, int64_t k, int64_t cap, int64_t nprobe, const int64_t *lists,
              const float *bounds, float *out_s, int64_t *out_i, int64_t *stats) {
-    knn_store *s = (knn_store *)h;
-    knn_scratch w;
-    if (scratch_new(&w, k, cap)) return -1;
-    const int isa = knn_isa();
-    for (int64_t iq = 0; iq < m; iq++) {
-        memcpy(w.qp, q + iq * s->dim, (size_t)s->dim * sizeof(float));
-        scan_query(s, &w, isa, k, lists + iq * cap, bounds + iq * cap, cap, nprobe, out_s + iq * k,
-                   out_i + iq * k, stats);
-    }
-    scratch_free(&w);
-    return 0;
+    return scan_all((const knn_store *)h, m, q, k, lists, bounds, cap, nprobe, out_s, out_i, stats);
 }
 
 /* The `cap` largest of bound [nlist] (largest first) into rank_s / rank_l; s / id: room for nlist. */
@@ -681,25 +835,20 @@ static void rank_lists(const float *bound, int64_t nlist, int64_t cap, float *s,
  * its row of bound [m, nlist], in that order. */
 int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound, int64_t cap, int64_t nprobe,
                float *out_s, int64_t *out_i, int64_t *stats) {
-    knn_store *s = (knn_store *)h;
-    knn_scratch w;
-    if (scratch_new(&w, k, cap)) return -1;
-    const int isa = knn_isa();
+    const knn_store *s = (const knn_store *)h;
     float *rs = (float *)malloc((size_t)(s->nlist + 16) * sizeof(float));
     int32_t *ri = (int32_t *)malloc((size_t)(s->nlist + 16) * sizeof(int32_t));
-    if (!rs || !ri) {
-        free(rs);
-        free(ri);
-        scratch_free(&w);
-        return -1;
-    }
-    for (int64_t iq = 0; iq < m; iq++) {
-        rank_lists(bound + iq * s->nlist, s->nlist, cap, rs, ri, w.rank_s, w.rank_l);
-        memcpy(w.qp, q + iq * s->dim, (size_t)s->dim * sizeof(float));
-        scan_query(s, &w, isa, k, w.rank_l, w.rank_s, cap, nprobe, out_s + iq * k, out_i + iq * k, stats);
+    float *ranked_s = (float *)malloc((size_t)(m * cap) * sizeof(float));
+    int64_t *ranked_l = (int64_t *)malloc((size_t)(m * cap) * sizeof(int64_t));
+    int rc = -1;
+    if (rs && ri && ranked_s && ranked_l) {
+        for (int64_t iq = 0; iq < m; iq++)
+            rank_lists(bound + iq * s->nlist, s->nlist, cap, rs, ri, ranked_s + iq * cap, ranked_l + iq * cap);
+        rc = scan_all(s, m, q, k, ranked_l, ranked_s, cap, nprobe, out_s, out_i, stats);
     }
     free(rs);
     free(ri);
-    scratch_free(&w);
-    return 0;
+    free(ranked_s);
+    free(ranked_l);
+    return rc;
 }

@@ -185,12 +185,9 @@ class BoundedIVF:
     def _add(self, keys: torch.Tensor, lists: torch.Tensor) -> None:
         n = keys.shape[0]
         ids = torch.arange(self._ntotal, self._ntotal + n, dtype=torch.int64)
-        self.lists.add(keys.to(self.lists.dtype), lists, ids)
+        codes = keys.to(self.lists.dtype)
+        self.lists.add_boxed(codes, lists, ids, keys.contiguous(), self.bounds, self.counts)
         self._ntotal += n
-        index = lists[:, None].expand(-1, self.d)
-        self.bounds[:, : self.d].scatter_reduce_(0, index, keys, reduce="amax")
-        self.bounds[:, self.d :].scatter_reduce_(0, index, keys, reduce="amin")
-        self.counts.index_add_(0, lists, torch.ones_like(lists))
 
     def list_bounds(self, q: torch.Tensor) -> torch.Tensor:
         """The bound of every list for each query ``q`` [m, d]: [m, L] (one matmul)."""
@@ -288,7 +285,8 @@ class BoundedIVF:
         new = cls.empty(centroids.clone(), codes.dtype)
         new.lists.reserve(counts)
         new.lists.add(codes, owner, ids)
-        new.bounds, new.counts, new._ntotal = bounds.clone(), counts.clone(), n
+        new.bounds = bounds.clone(memory_format=torch.contiguous_format)
+        new.counts, new._ntotal = counts.clone(memory_format=torch.contiguous_format), n
         return new
 
     def clone(self) -> BoundedIVF:

@@ -21,16 +21,17 @@ The policy (:class:`GrowthPolicy`, every field a keyword of the ``"faiss"`` back
 4. **Bounded training.** The k-means sample is ``train_per_list`` keys per list (default 32, Faiss
    warns below 39 but recall measured the same) and at most ``max_train_sample`` keys, with
    ``niter`` iterations.
-5. **Keys stored once.** The lists hold the keys themselves in the memory's dtype (Faiss scalar
-   quantizer ``bf16`` / ``fp16`` codes, or raw float32 for a float32 memory), not residuals, so a
-   key decodes to exactly the value it had and the scores are exact inner products of the retrieved
-   keys. Rebuilds read the keys back from the lists: no second copy is kept.
+5. **Keys stored once.** The lists hold the keys themselves in the memory's dtype (bf16 / fp16 codes,
+   or float32 for a float32 memory; :mod:`indexes.inverted_lists`), not residuals, so a key decodes to
+   exactly the value it had and the scores are exact inner products of the retrieved keys. Rebuilds
+   read the keys back from the lists: no second copy is kept. A list's capacity grows by a quarter, so
+   the lists hold at most ~25% unused room (``nbytes`` counts it).
 6. **Lists ranked by a bound, scanned until certain.** Lists are ranked per query by the largest
    inner product their keys' bounding box allows (:mod:`indexes.bounded_ivf`), not by the centroid:
    attention queries lie outside the keys' distribution. Every query scans ``nprobe`` lists (default
-   8); a query whose k-th score is still below the next list's bound scans twice as many, up to
-   ``max_nprobe`` (default 32), so most queries end with their exact top-k. See ``benchmarks/README.md``
-   for the recall on the embedded model's own queries.
+   8), then goes on list by list while the next list's bound is above its k-th score, up to
+   ``max_nprobe`` lists (default 32), so most queries end with their exact top-k. See
+   ``benchmarks/README.md`` for the recall on the embedded model's own queries.
 
 On CUDA the policy stays exact (a matmul + top-k over the keys in GPU memory is the fast path there).
 """

@@ -81,6 +81,23 @@ class InvertedLists:
         if codes.shape[0]:
             self._lists.add(codes.contiguous(), lists.contiguous(), ids.contiguous())
 
+    def add_boxed(
+        self,
+        codes: torch.Tensor,
+        lists: torch.Tensor,
+        ids: torch.Tensor,
+        keys: torch.Tensor,
+        bounds: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> None:
+        """:meth:`add`, and in the same pass widen each list's box ``bounds`` [nlist, 2 dim] float32
+        (maxima, then minima) to hold its new ``keys`` [n, dim] float32 and add them to ``counts``
+        [nlist] int64 (both updated in place)."""
+        if codes.shape[0]:
+            self._lists.add_boxed(
+                codes.contiguous(), lists.contiguous(), ids.contiguous(), keys.contiguous(), bounds, counts
+            )
+
     def sizes(self) -> torch.Tensor:
         """Keys per list, [nlist] int64."""
         return self._lists.sizes()
@@ -157,6 +174,14 @@ class _NativeLists:
     def add(self, codes: torch.Tensor, lists: torch.Tensor, ids: torch.Tensor) -> None:
         n = codes.shape[0]
         if self._lib.knn_store_add(self._h, n, _ptr(codes), _ptr(lists), _ptr(ids)):
+            raise MemoryError(f"out of memory adding {n} keys to inverted lists")
+
+    def add_boxed(self, codes, lists, ids, keys, bounds, counts) -> None:
+        n = codes.shape[0]
+        rc = self._lib.knn_store_add_boxed(
+            self._h, n, _ptr(codes), _ptr(lists), _ptr(ids), _ptr(keys), _ptr(bounds), _ptr(counts)
+        )
+        if rc:
             raise MemoryError(f"out of memory adding {n} keys to inverted lists")
 
     def sizes(self) -> torch.Tensor:
@@ -256,6 +281,14 @@ class _PythonLists:
             self._codes[l][size : size + c] = codes[rows]
             self._ids[l][size : size + c] = ids[rows].to(torch.int32)
             self._size[l] = size + c
+
+    def add_boxed(self, codes, lists, ids, keys, bounds, counts) -> None:
+        self.add(codes, lists, ids)
+        d = self._owner.dim
+        index = lists[:, None].expand(-1, d)
+        bounds[:, :d].scatter_reduce_(0, index, keys, reduce="amax")
+        bounds[:, d:].scatter_reduce_(0, index, keys, reduce="amin")
+        counts.index_add_(0, lists, torch.ones_like(lists))
 
     def sizes(self) -> torch.Tensor:
         return torch.tensor(self._size, dtype=torch.int64)

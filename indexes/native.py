@@ -33,6 +33,7 @@ _SIGNATURES = {
     "knn_store_free": (None, [_P]),
     "knn_store_reserve": (ctypes.c_int, [_P, _P]),
     "knn_store_add": (ctypes.c_int, [_P, _I, _P, _P, _P]),
+    "knn_store_add_boxed": (ctypes.c_int, [_P, _I, _P, _P, _P, _P, _P, _P]),
     "knn_store_sizes": (None, [_P, _P]),
     "knn_store_capacities": (None, [_P, _P]),
     "knn_store_nbytes": (_I, [_P]),

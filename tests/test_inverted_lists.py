@@ -186,6 +186,39 @@ def test_compiled_and_python_lists_hold_and_find_the_same(adds, cut, dim, dtype)
     assert sta == stb
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_querys_result_does_not_depend_on_the_others_in_its_batch(engine, dtype):
+    """Queries that share lists are scored together (each block read once for all): same bits as alone."""
+    lists, _, _ = filled(engine, 12, 33, dtype, 1500)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 33, generator=g) + 0.01 * torch.randn(20, 33, generator=g)  # alike: they share lists
+    bound = torch.randn(1, 12, generator=g).expand(20, -1) + 0.1 * torch.randn(20, 12, generator=g)
+    together = lists.search(q.numpy(), 7, bound, 9, 5)
+    for i in range(20):
+        alone = lists.search(q[i : i + 1].numpy(), 7, bound[i : i + 1], 9, 5)
+        np.testing.assert_array_equal(alone[0][0], together[0][i])
+        np.testing.assert_array_equal(alone[1][0], together[1][i])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_add_boxed_widens_each_lists_box_and_counts(engine):
+    g = torch.Generator().manual_seed(9)
+    keys = torch.randn(300, 5, generator=g)
+    owner = torch.randint(0, 6, (300,), generator=g)
+    lists = make(engine, 6, 5, torch.float16)
+    bounds = torch.cat([torch.full((6, 5), -1e30), torch.full((6, 5), 1e30)], dim=1)
+    counts = torch.zeros(6, dtype=torch.int64)
+    for begin in range(0, 300, 64):
+        rows = slice(begin, begin + 64)
+        ids = torch.arange(begin, min(300, begin + 64))
+        lists.add_boxed(keys[rows].half(), owner[rows], ids, keys[rows], bounds, counts)
+    assert torch.equal(counts, torch.bincount(owner, minlength=6)) and torch.equal(counts, lists.sizes())
+    for l in range(6):
+        mine = keys[owner == l]
+        assert torch.equal(bounds[l, :5], mine.amax(0)) and torch.equal(bounds[l, 5:], mine.amin(0))
+
+
 def test_growth_leaves_at_most_a_quarter_unused():
     lists = InvertedLists(3, 32, torch.bfloat16)
     lists.reserve(torch.tensor([100, 0, 7]))
