@@ -4,6 +4,8 @@ Everything else is in ``setup.cfg``. The extension is optional: without a C comp
 succeeds and :mod:`indexes.inverted_lists` uses its Python lists (a warning says so at first use).
 """
 
+import sys
+
 from setuptools import Extension, setup
 
 setup(
@@ -11,7 +13,8 @@ setup(
         Extension(
             "indexes._inverted_lists",
             sources=["indexes/_inverted_lists.c"],
-            extra_compile_args=["-O3", "-std=c11"],
+            extra_compile_args=[] if sys.platform == "win32" else ["-O3", "-std=c11"],
+            libraries=[] if sys.platform == "win32" else ["m"],
             optional=True,
         )
     ]

@@ -17,6 +17,9 @@
  */
 #include <float.h>
 #include <math.h>
+#if defined(__GLIBC__) || defined(__linux__)
+#include <malloc.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -112,6 +115,11 @@ void knn_store_free(void *h) {
     }
     free(s->lists);
     free(s);
+#ifdef __GLIBC__
+    /* a rebuild frees every list of the old index: give the pages back (glibc keeps freed heap memory,
+     * and small lists freed all over the heap would otherwise stay resident) */
+    malloc_trim(0);
+#endif
 }
 
 static int set_capacity(const knn_store *s, knn_list *l, int64_t cap) {

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,7 +37,15 @@ MAX_DIM = 4096  # the C scan's query buffer
 _warned: list[bool] = []
 
 
-def key_bytes(lists: InvertedLists) -> int:
+class ListsShape(NamedTuple):
+    """What the engines need to know of their lists."""
+
+    nlist: int
+    dim: int
+    dtype: torch.dtype
+
+
+def key_bytes(lists: InvertedLists | ListsShape) -> int:
     """Bytes of room one key takes in the lists: its elements (a bfloat16 key of odd dim is padded to
     even: the C lists pair elements) and its int32 id."""
     width = 2 if lists.dtype == torch.bfloat16 else 1
@@ -63,7 +72,11 @@ class InvertedLists:
         lib = None if native is False else _library()
         if native and lib is None:
             raise RuntimeError("native=True but the compiled inverted lists are not built")
-        self._lists = _NativeLists(lib, self) if lib is not None else _PythonLists(self)
+        # the engines get the shape, not this object: a reference back would make a cycle, and a store
+        # in a cycle is freed only when the garbage collector gets to it (a rebuilt index's old lists
+        # would stay resident until then)
+        shape = ListsShape(self.nlist, self.dim, dtype)
+        self._lists = _NativeLists(lib, shape) if lib is not None else _PythonLists(shape)
 
     @property
     def is_native(self) -> bool:
@@ -154,8 +167,8 @@ def _library() -> ctypes.CDLL | None:
 class _NativeLists:
     """The lists in the compiled library (one C store, freed with this object)."""
 
-    def __init__(self, lib: ctypes.CDLL, owner: InvertedLists) -> None:
-        self._lib, self._owner = lib, owner
+    def __init__(self, lib: ctypes.CDLL, owner: ListsShape) -> None:
+        self._lib, self._shape = lib, owner
         handle = lib.knn_store_new(owner.nlist, owner.dim, KINDS[owner.dtype])
         if not handle:
             raise MemoryError(f"cannot allocate {owner.nlist} inverted lists")
@@ -185,12 +198,12 @@ class _NativeLists:
             raise MemoryError(f"out of memory adding {n} keys to inverted lists")
 
     def sizes(self) -> torch.Tensor:
-        out = torch.empty(self._owner.nlist, dtype=torch.int64)
+        out = torch.empty(self._shape.nlist, dtype=torch.int64)
         self._lib.knn_store_sizes(self._h, _ptr(out))
         return out
 
     def capacities(self) -> torch.Tensor:
-        out = torch.empty(self._owner.nlist, dtype=torch.int64)
+        out = torch.empty(self._shape.nlist, dtype=torch.int64)
         self._lib.knn_store_capacities(self._h, _ptr(out))
         return out
 
@@ -199,7 +212,7 @@ class _NativeLists:
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = int(self.sizes().sum())
-        codes = torch.empty(n, self._owner.dim, dtype=self._owner.dtype)
+        codes = torch.empty(n, self._shape.dim, dtype=self._shape.dtype)
         ids = torch.empty(n, dtype=torch.int64)
         self._lib.knn_store_export(self._h, _ptr(codes), _ptr(ids))
         return codes, ids
@@ -245,8 +258,8 @@ class _NativeLists:
 class _PythonLists:
     """The same lists in torch tensors, for an install without the compiled library."""
 
-    def __init__(self, owner: InvertedLists) -> None:
-        self._owner = owner
+    def __init__(self, owner: ListsShape) -> None:
+        self._shape = owner
         self._codes = [torch.empty(0, owner.dim, dtype=owner.dtype) for _ in range(owner.nlist)]
         self._ids = [torch.empty(0, dtype=torch.int32) for _ in range(owner.nlist)]
         self._size = [0] * owner.nlist
@@ -257,7 +270,7 @@ class _PythonLists:
             return
         new = need if exact else max(need, cap + max(cap // 4, LANES))
         new = -(-new // LANES) * LANES  # whole blocks, as the C lists
-        codes = torch.empty(new, self._owner.dim, dtype=self._owner.dtype)
+        codes = torch.empty(new, self._shape.dim, dtype=self._shape.dtype)
         ids = torch.empty(new, dtype=torch.int32)
         size = self._size[l]
         codes[:size], ids[:size] = self._codes[l][:size], self._ids[l][:size]
@@ -284,7 +297,7 @@ class _PythonLists:
 
     def add_boxed(self, codes, lists, ids, keys, bounds, counts) -> None:
         self.add(codes, lists, ids)
-        d = self._owner.dim
+        d = self._shape.dim
         index = lists[:, None].expand(-1, d)
         bounds[:, :d].scatter_reduce_(0, index, keys, reduce="amax")
         bounds[:, d:].scatter_reduce_(0, index, keys, reduce="amin")
@@ -297,7 +310,7 @@ class _PythonLists:
         return torch.tensor([ids.shape[0] for ids in self._ids], dtype=torch.int64)
 
     def nbytes(self) -> int:
-        return sum(ids.shape[0] for ids in self._ids) * key_bytes(self._owner) + self._owner.nlist * 32
+        return sum(ids.shape[0] for ids in self._ids) * key_bytes(self._shape) + self._shape.nlist * 32
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self._size
@@ -306,7 +319,7 @@ class _PythonLists:
         return codes, ids
 
     def truncate(self, n: int) -> None:
-        for l in range(self._owner.nlist):
+        for l in range(self._shape.nlist):
             ids = self._ids[l][: self._size[l]]
             self._size[l] = int(torch.searchsorted(ids, torch.tensor(n, dtype=torch.int32)))
 

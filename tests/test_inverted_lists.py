@@ -58,6 +58,25 @@ def test_the_compiled_lists_are_built_here():
         native.set_isa("sse9")
 
 
+def test_without_the_compiled_lists_the_python_ones_are_used_with_a_warning(monkeypatch, caplog):
+    from indexes import inverted_lists
+
+    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(inverted_lists, "_warned", [])
+    with caplog.at_level("WARNING", logger="indexes.inverted_lists"):
+        lists = InvertedLists(3, 4, torch.bfloat16)
+        InvertedLists(3, 4, torch.bfloat16)
+    assert not lists.is_native
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1  # said once
+    assert "not built" in caplog.records[0].message
+    with pytest.raises(RuntimeError, match="native=True but the compiled inverted lists are not built"):
+        InvertedLists(3, 4, torch.bfloat16, native=True)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        InvertedLists(3, 4, torch.float64)
+    with pytest.raises(ValueError, match="dim must be in"):
+        InvertedLists(3, 5000, torch.float32)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", [32, 100, 7, 1])
@@ -217,6 +236,23 @@ def test_add_boxed_widens_each_lists_box_and_counts(engine):
     for l in range(6):
         mine = keys[owner == l]
         assert torch.equal(bounds[l, :5], mine.amax(0)) and torch.equal(bounds[l, 5:], mine.amin(0))
+
+
+@pytest.mark.parametrize("native_lists", [True, False] if native.available() else [False])
+def test_lists_are_freed_as_soon_as_they_are_dropped(native_lists):
+    """No reference cycle: a rebuilt index's old lists leave memory at once, not when the garbage
+    collector runs (a cycle kept every generation of a growing index resident)."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        lists = InvertedLists(4, 8, torch.bfloat16, native=native_lists)
+        engine = weakref.ref(lists._lists)
+        del lists
+        assert engine() is None
+    finally:
+        gc.enable()
 
 
 def test_growth_leaves_at_most_a_quarter_unused():
