@@ -4,13 +4,14 @@
  *
  * A store holds `nlist` lists. List l holds its keys as raw codes, `dim` elements of float32,
  * bfloat16 or float16 each (the memory's own dtype: a key decodes to exactly the value it had), and
- * their int32 ids, in the order they were added. Capacity grows by a quarter at a time, so a list
- * holds at most ~25% more than it needs (std::vector's doubling held up to 100%).
+ * their int32 ids, in the order they were added, in blocks of 16 keys. Capacity grows by a quarter at
+ * a time, so a list holds at most ~25% more than it needs (std::vector's doubling held up to 100%).
  *
  * knn_scan() takes, for each query, its lists ranked by an upper bound of q.k over the list (the
- * caller computes both) and scans them in that order, keeping the k largest q.k in a min-heap.
- * After the first `nprobe` lists it stops as soon as the next list's bound is below the k-th score:
- * no key left can enter the top-k, so the result is exact. A query scans at most `cap` lists.
+ * caller computes both; knn_search() ranks them itself from every list's bound) and scans them in
+ * that order, keeping the k largest q.k. The first `nprobe` lists are scanned whatever they hold;
+ * then the scan stops as soon as the next list's bound is below the k-th score: no key left can
+ * enter the top-k, so the result is exact. A query scans at most `cap` lists.
  *
  * The dot products use AVX-512 (F, BW, VL) or AVX2 + FMA + F16C when the CPU has them, chosen at
  * run time; plain C otherwise. Every path sums in float32. The caller validates every argument.
@@ -30,7 +31,6 @@
 #endif
 
 #define KNN_VERSION 1
-#define KNN_MAX_DIM 4096
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -451,11 +451,6 @@ static void topk_free(knn_topk *t) {
     free(t->id);
 }
 
-static inline void topk_reset(knn_topk *t) {
-    t->n = 0;
-    t->thr = -FLT_MAX;
-}
-
 static inline void swap_pair(float *s, int32_t *id, int64_t a, int64_t b) {
     float ts = s[a];
     int32_t ti = id[a];
@@ -586,34 +581,10 @@ static void sort_desc(float *s, int32_t *id, int64_t n) {
 /* ------------------------------------------------------------------ the scan */
 #define KNN_RUN 16 /* blocks scored per kernel call */
 
-typedef struct {
-    float *qp, *buf, *rank_s;
-    int64_t *rank_l;
-    knn_topk best;
+typedef struct { /* what a query's scan needs besides its reservoir: one run's scores and masks */
+    float buf[KNN_RUN * KNN_LANES];
     uint32_t masks[KNN_RUN];
 } knn_scratch;
-
-static void scratch_free(knn_scratch *w) {
-    free(w->qp);
-    free(w->buf);
-    free(w->rank_s);
-    free(w->rank_l);
-    topk_free(&w->best);
-}
-
-static int scratch_new(knn_scratch *w, int64_t k, int64_t cap) {
-    memset(w, 0, sizeof *w);
-    w->qp = (float *)calloc(KNN_MAX_DIM + 64, sizeof(float)); /* zero past dim: padding elements */
-    w->buf = (float *)malloc(KNN_RUN * KNN_LANES * sizeof(float));
-    w->rank_s = (float *)malloc((size_t)cap * sizeof(float));
-    w->rank_l = (int64_t *)malloc((size_t)cap * sizeof(int64_t));
-    int bad = topk_new(&w->best, k, KNN_RUN * KNN_LANES);
-    if (bad || !w->qp || !w->buf || !w->rank_s || !w->rank_l) {
-        scratch_free(w);
-        return -1;
-    }
-    return 0;
-}
 
 /* True when k of the candidates kept beat `b`, i.e. the k-th best so far is above it. Every key that
  * beats `b` >= thr is among the candidates (a key left out or dropped was <= thr), so this is the exact
@@ -624,7 +595,7 @@ static int k_beat(const knn_topk *t, float b) {
     return count >= t->keep;
 }
 
-/* One query (already in w->qp): scan `ranked` [cap] lists with bounds `bound` [cap] as the header says;
+/* One query (`qp`, zero-padded; its reservoir `t` holds what it found so far) from its list `start` on: scan `ranked` [cap] lists with bounds `bound` [cap] as the header says;
  * its top-k, best first, into os / oi [k]. */
 static void scan_query(const knn_store *s, knn_scratch *w, knn_topk *t, const float *qp, int isa, int64_t k,
                        const int64_t *ranked, const float *bound, int64_t start, int64_t cap, int64_t nprobe,
@@ -793,7 +764,6 @@ static int64_t scan_shared(const knn_store *s, int isa, int64_t m, const float *
 static int scan_all(const knn_store *s, int64_t m, const float *q, int64_t k, const int64_t *ranked,
                     const float *bounds, int64_t cap, int64_t nprobe, float *out_s, int64_t *out_i, int64_t *stats) {
     knn_scratch w;
-    if (scratch_new(&w, k, cap)) return -1;
     const int isa = knn_isa();
     const int64_t dp = (s->rows * s->width + 31) / 16 * 16; /* padded query length (zeros past dim) */
     float *qps = (float *)calloc((size_t)(m * dp), sizeof(float));
@@ -812,7 +782,6 @@ static int scan_all(const knn_store *s, int64_t m, const float *q, int64_t k, co
     for (int64_t iq = 0; tops && iq < m; iq++) topk_free(&tops[iq]);
     free(tops);
     free(qps);
-    scratch_free(&w);
     return rc;
 }
 

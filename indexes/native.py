@@ -71,7 +71,7 @@ def _load() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("cannot load %s (%s): the 'auto' index uses its Python lists", path.name, err)
         return None
-    if not hasattr(lib, "knn_version") or lib.knn_version() != VERSION:
+    if not all(hasattr(lib, name) for name in _SIGNATURES) or lib.knn_version() != VERSION:
         log.warning("%s is from another version of the library: reinstall to rebuild it", path.name)
         return None
     for name, (restype, argtypes) in _SIGNATURES.items():
