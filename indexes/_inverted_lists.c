@@ -30,7 +30,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 1
+#define KNN_VERSION 2
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -828,4 +828,30 @@ int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound
     free(ranked_s);
     free(ranked_l);
     return rc;
+}
+
+/* ------------------------------------------------------------------ gather of stored rows */
+
+/* Rows of chunked storage by entry id (the memory's values: knn_memory/storage.py).
+ * Chunk c holds entries starts[c] .. starts[c + 1] - 1; head h's entry e of it is the `row_bytes`
+ * bytes at bases[c] + h * head_strides[c] + (e - starts[c]) * row_bytes. out [heads, m, row_bytes]
+ * receives, for each head h and slot i, the row of entry ids[h * m + i], or zeros where that id is
+ * outside 0 .. starts[nchunks] - 1 (-1: an empty slot). Chunks are few (their sizes double), so the
+ * chunk of an id is found by a linear walk from the last one. */
+void knn_gather(int64_t nchunks, const uint8_t *const *bases, const int64_t *starts, const int64_t *head_strides,
+                int64_t heads, int64_t m, const int64_t *ids, int64_t row_bytes, uint8_t *out) {
+    const int64_t total = starts[nchunks];
+    for (int64_t h = 0; h < heads; h++) {
+        for (int64_t i = 0; i < m; i++) {
+            const int64_t e = ids[h * m + i];
+            uint8_t *dst = out + (h * m + i) * row_bytes;
+            if (e < 0 || e >= total) {
+                memset(dst, 0, (size_t)row_bytes);
+                continue;
+            }
+            int64_t c = nchunks - 1;
+            while (starts[c] > e) c--;
+            memcpy(dst, bases[c] + h * head_strides[c] + (e - starts[c]) * row_bytes, (size_t)row_bytes);
+        }
+    }
 }

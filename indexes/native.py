@@ -15,7 +15,7 @@ import logging
 import threading
 from pathlib import Path
 
-VERSION = 1  # knn_version() of the C file this module was written for
+VERSION = 2  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ _SIGNATURES = {
     "knn_store_truncate": (None, [_P, _I]),
     "knn_scan": (ctypes.c_int, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _P]),
     "knn_search": (ctypes.c_int, [_P, _I, _P, _I, _P, _I, _I, _P, _P, _P]),
+    "knn_gather": (None, [_I, _P, _P, _P, _I, _I, _P, _I, _P]),
 }
 
 
@@ -106,3 +107,50 @@ def best_isa() -> str:
     """The best instruction set this CPU offers the compiled scan (``"none"`` without the library)."""
     lib = library()
     return "none" if lib is None else ISA_NAMES[lib.knn_best_isa()]
+
+
+def gather_rows(views: list, ids) -> object | None:
+    """Rows of chunked storage by entry id, by the compiled library, or None where it cannot.
+
+    Args:
+        views: the chunks, each a CPU tensor [h, m_i, d] of one dtype whose rows are contiguous
+            (``stride(-1) == 1``, ``stride(-2) == d``; the heads may be any stride apart), entries in order.
+        ids: [h, n] int64 CPU entry ids; those outside ``0 .. sum(m_i) - 1`` (``-1``: empty) give zeros.
+
+    Returns:
+        [h, n, d] in the views' dtype, or None (library missing; a view on another device, of
+        another dtype or layout) for the caller to gather another way.
+    """
+    import torch  # (only here: the loader itself needs no torch)
+
+    lib = library()
+    if lib is None or not views or ids.device.type != "cpu" or ids.dtype != torch.int64 or ids.dim() != 2:
+        return None
+    h, n = ids.shape
+    first = views[0]
+    dim, dtype = first.shape[-1], first.dtype
+    for v in views:
+        if (
+            v.device.type != "cpu"
+            or v.dtype != dtype
+            or v.dim() != 3
+            or v.shape[0] != h
+            or v.shape[2] != dim
+            or v.stride(2) != 1
+            or (v.shape[1] > 1 and v.stride(1) != dim)
+        ):
+            return None
+    size = first.element_size()
+    count = len(views)
+    bases = (ctypes.c_void_p * count)(*[v.data_ptr() for v in views])
+    starts = (ctypes.c_int64 * (count + 1))()
+    strides = (ctypes.c_int64 * count)(*[v.stride(0) * size for v in views])
+    total = 0
+    for i, v in enumerate(views):
+        starts[i] = total
+        total += v.shape[1]
+    starts[count] = total
+    ids = ids.contiguous()
+    out = torch.empty(h, n, dim, dtype=dtype)
+    lib.knn_gather(count, bases, starts, strides, h, n, ids.data_ptr(), dim * size, out.data_ptr())
+    return out

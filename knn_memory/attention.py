@@ -58,11 +58,20 @@ def _check(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
             f"query, local_keys, local_values must share a dtype, got {query.dtype}, {keys.dtype}, {values.dtype}"
         )
     # NaN or inf in any of them would turn whole rows of the output into NaN without a word; one
-    # reduction per tensor and a single host sync (this runs once per layer per window)
+    # reduction per tensor and a single host sync (this runs once per layer per window): a float64 sum
+    # is non-finite exactly when a term is (float32 / 16-bit values cannot overflow it)
     tensors = (("query", query), ("local_keys", keys), ("local_values", values))
-    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
-    if not bool(finite.all()):
-        bad = [name for (name, _), ok in zip(tensors, finite.tolist(), strict=True) if not ok]
+    # (float64 input could overflow it: there, the count of non-finite values, which must be 0)
+    wide = [t.dtype == torch.float64 for _, t in tensors]
+    sums = torch.stack(
+        [
+            (~t.isfinite()).sum(dtype=torch.float64) if w else t.sum(dtype=torch.float64)
+            for (_, t), w in zip(tensors, wide, strict=True)
+        ]
+    )
+    finite = [v == 0.0 if w else math.isfinite(v) for v, w in zip(sums.tolist(), wide, strict=True)]
+    if not all(finite):
+        bad = [name for (name, _), ok in zip(tensors, finite, strict=True) if not ok]
         raise ValueError(f"{', '.join(bad)} contains NaN or inf (expected finite values)")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from indexes import ChunkedTensor
+from indexes.native import gather_rows
 
 __all__ = ["ChunkedTensor", "compact", "gather_values"]
 
@@ -23,12 +24,18 @@ def gather_values(views: list[torch.Tensor], ids: torch.Tensor, dim: int, dtype:
     Returns:
         [h, q, k, d] in the storage dtype, zeros in empty slots.
 
-    One ``index_select`` per chunk over the chunk's rows seen as one [h * capacity, d] matrix (the
-    chunks grow geometrically, so there are few): the cost is ~ q*k*d plus a few small operations per
-    chunk.
+    On the CPU, one call of the compiled library (:func:`indexes.native.gather_rows`: a copy per
+    row). Otherwise one ``index_select`` per chunk over the chunk's rows seen as one [h * capacity, d]
+    matrix (the chunks grow geometrically, so there are few): the cost is ~ q*k*d plus a few small
+    operations per chunk (at 1M tokens ~10 of them per chunk came to 1.4 ms per call, 12% of a
+    passkey prefill, against ~0.05 ms for the compiled copy).
     """
     h, q, k = ids.shape
     flat = ids.reshape(h, q * k)
+    if views and views[0].dtype == dtype:
+        rows = gather_rows(views, flat)
+        if rows is not None:
+            return rows.view(h, q, k, dim)
     out = None
     start = 0
     for view in views:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -223,6 +224,26 @@ def test_results_record_the_answer_probability_and_old_files_still_load(embedded
     old = {k: v for k, v in json.loads(json.dumps(r.__dict__)).items() if k != "answer_prob"}
     (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
     assert read_results(tmp_path / "results.jsonl")[0].answer_prob is None
+
+
+def test_results_record_the_decode_speed(embedded, monkeypatch):
+    """One forward call per generated token after the prefill; the rate is steps over their span."""
+    from longllama import passkey
+
+    model, tok = embedded
+    prompt = make_prompt(tok, 512, seed=1)
+    calls = []
+    real = passkey._decode_rate
+    monkeypatch.setattr(passkey, "_decode_rate", lambda ends: calls.append(list(ends)) or real(ends))
+    r = run_passkey(model, tok, prompt, label="exact")
+    (ends,) = calls
+    assert len(ends) == len(prompt.answer_ids) >= 2  # the prefill, then a step per further answer token
+    assert r.decode_tokens_per_second == pytest.approx((len(ends) - 1) / (ends[-1] - ends[0]))
+    assert r.decode_tokens_per_second > 0
+    assert passkey._decode_rate([1.0, 1.5, 2.0]) == pytest.approx(2.0)
+    assert passkey._decode_rate([1.0]) is None and passkey._decode_rate([]) is None
+    row = passkey.summarize([r, dataclasses.replace(r, decode_tokens_per_second=None)])[0]
+    assert row["decode_tokens_per_second"] == pytest.approx(r.decode_tokens_per_second)
 
 
 def test_plot_of_runs_all_correct(tmp_path):

@@ -118,6 +118,10 @@ class PasskeyResult:
     # the lowest probability the model gave a correct answer token while following its own greedy output
     # (at the first wrong token, that step's probability of the right one); None in older result files
     answer_prob: float | None = None
+    # generated tokens per second after the prompt: the answer's tokens after the first (whose forward
+    # pass is the prefill), each one step over a memory of ~n_tokens entries; None in older result
+    # files or for a one-token answer
+    decode_tokens_per_second: float | None = None
 
 
 @torch.no_grad()
@@ -134,7 +138,11 @@ def run_passkey(
 
     ``progress`` shows a bar of the tokens the model has read (prefill windows and generated tokens).
     """
-    with PeakRSS(interval_s=0.02) as rss, _token_progress(model, prompt, progress, label):
+    with (
+        PeakRSS(interval_s=0.02) as rss,
+        _token_progress(model, prompt, progress, label),
+        _step_clock(model) as steps,
+    ):
         start = time.perf_counter()
         out = model.generate(
             prompt.input_ids.to(model.device),
@@ -162,7 +170,27 @@ def run_passkey(
         seconds=seconds,
         peak_rss_bytes=rss.peak_bytes,
         answer_prob=answer_probability(out.logits, generated, prompt.answer_ids),
+        decode_tokens_per_second=_decode_rate(steps),
     )
+
+
+@contextlib.contextmanager
+def _step_clock(model):
+    """The time each forward call of ``model`` ended at (generate: the prefill, then one per new token)."""
+    ends: list[float] = []
+    handle = model.register_forward_hook(lambda module, args, output: ends.append(time.perf_counter()))
+    try:
+        yield ends
+    finally:
+        handle.remove()
+
+
+def _decode_rate(ends: list[float]) -> float | None:
+    """Tokens per second of the steps after the prefill (from the end times of all calls), or None
+    without such a step."""
+    if len(ends) < 2:
+        return None
+    return (len(ends) - 1) / (ends[-1] - ends[0])
 
 
 def answer_probability(logits: tuple[torch.Tensor, ...], generated: list[int], answer: list[int]) -> float:
@@ -251,6 +279,9 @@ def summarize(results: list[PasskeyResult], by_depth: bool = False) -> list[dict
                 "ci95": [lo, hi],
                 "mean_seconds": sum(r.seconds for r in rs) / n,
                 "mean_answer_prob": _mean([r.answer_prob for r in rs if r.answer_prob is not None]),
+                "decode_tokens_per_second": _mean(
+                    [r.decode_tokens_per_second for r in rs if r.decode_tokens_per_second is not None]
+                ),
                 "peak_rss_mib": max(r.peak_rss_bytes for r in rs) / 2**20,
             }
         )

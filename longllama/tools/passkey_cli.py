@@ -119,24 +119,27 @@ def plot_depths(summary: list[dict], path: Path) -> None:
 def format_table(summary: list[dict]) -> str:
     """The summary rows as a text table (with a depth column when the rows have one).
 
-    ``p(ans)``: the mean over runs of the lowest probability given to a correct answer token.
+    ``p(ans)``: the mean over runs of the lowest probability given to a correct answer token;
+    ``tok/s``: the mean decode speed after the prompt (``-`` where no run recorded it).
     """
     by_depth = bool(summary) and "depth" in summary[0]
     depth_head = f" {'depth':>6}" if by_depth else ""
     lines = [
         f"{'backend':<34} {'length':>8}{depth_head} {'runs':>5} {'acc %':>6} {'95% CI':>13} {'p(ans)':>7} "
-        f"{'s/run':>8} {'peak MiB':>9}"
+        f"{'s/run':>8} {'peak MiB':>9} {'tok/s':>6}"
     ]
     for r in summary:
         ci = f"{100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}"
         p = r.get("mean_answer_prob")
         prob = "-" if p is None else f"{p:.3f}"
+        rate = r.get("decode_tokens_per_second")
+        rate = "-" if rate is None else f"{rate:.1f}"
         depth = ""
         if by_depth:
             depth = f" {'random' if r['depth'] is None else format(r['depth'], '.2f'):>6}"
         lines.append(
             f"{r['backend']:<34} {r['length']:>8}{depth} {r['runs']:>5} {100 * r['accuracy']:>6.1f} {ci:>13} "
-            f"{prob:>7} {r['mean_seconds']:>8.2f} {r['peak_rss_mib']:>9.0f}"
+            f"{prob:>7} {r['mean_seconds']:>8.2f} {r['peak_rss_mib']:>9.0f} {rate:>6}"
         )
     return "\n".join(lines)
 
