@@ -30,7 +30,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 2
+#define KNN_VERSION 3
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -854,4 +854,131 @@ void knn_gather(int64_t nchunks, const uint8_t *const *bases, const int64_t *sta
             memcpy(dst, bases[c] + h * head_strides[c] + (e - starts[c]) * row_bytes, (size_t)row_bytes);
         }
     }
+}
+
+/* ------------------------------------------------------------------ assignment to lists */
+
+#define ASSIGN_KEYS 4   /* keys scored together (each block of centroids is loaded once for all of them) */
+#define ASSIGN_LANES 16 /* centroids per block */
+
+/* For ASSIGN_KEYS keys xb [ASSIGN_KEYS, d]: best[kk] / arg[kk], the smallest hn[l] - x.c_l and its l
+ * (the first on ties), over the blocks of ct [d, lp] (see knn_assign). */
+static void assign_scalar(const float *xb, int64_t d, int64_t lp, const float *ct, const float *hn, int64_t *arg) {
+    float best[ASSIGN_KEYS];
+    for (int kk = 0; kk < ASSIGN_KEYS; kk++) {
+        best[kk] = INFINITY;
+        arg[kk] = 0;
+    }
+    for (int64_t l0 = 0; l0 < lp; l0 += ASSIGN_LANES) {
+        float acc[ASSIGN_KEYS][ASSIGN_LANES] = {{0}};
+        for (int64_t i = 0; i < d; i++) {
+            const float *c = ct + i * lp + l0;
+            for (int kk = 0; kk < ASSIGN_KEYS; kk++) {
+                const float xv = xb[kk * d + i];
+                for (int j = 0; j < ASSIGN_LANES; j++) acc[kk][j] += xv * c[j];
+            }
+        }
+        for (int kk = 0; kk < ASSIGN_KEYS; kk++)
+            for (int j = 0; j < ASSIGN_LANES; j++) {
+                const float dist = hn[l0 + j] - acc[kk][j];
+                if (dist < best[kk]) {
+                    best[kk] = dist;
+                    arg[kk] = l0 + j;
+                }
+            }
+    }
+}
+
+#ifdef KNN_X86
+/* The smallest of 8 lanes (value, index) and its index, the smaller index on equal values. */
+__attribute__((target("avx2,fma"))) static inline void argmin8(__m256 v, __m256i ix, float *best, int64_t *arg) {
+    float vs[8];
+    int32_t is[8];
+    _mm256_storeu_ps(vs, v);
+    _mm256_storeu_si256((__m256i *)is, ix);
+    float b = vs[0];
+    int32_t a = is[0];
+    for (int j = 1; j < 8; j++)
+        if (vs[j] < b || (vs[j] == b && is[j] < a)) {
+            b = vs[j];
+            a = is[j];
+        }
+    *best = b;
+    *arg = a;
+}
+
+__attribute__((target("avx2,fma"))) static void assign_avx2(const float *xb, int64_t d, int64_t lp, const float *ct,
+                                                            const float *hn, int64_t *arg) {
+    __m256 best[ASSIGN_KEYS][2];
+    __m256i bix[ASSIGN_KEYS][2];
+    for (int kk = 0; kk < ASSIGN_KEYS; kk++)
+        for (int h = 0; h < 2; h++) {
+            best[kk][h] = _mm256_set1_ps(INFINITY);
+            bix[kk][h] = _mm256_setzero_si256();
+        }
+    const __m256i step = _mm256_set1_epi32(ASSIGN_LANES);
+    __m256i ix0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i ix1 = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t l0 = 0; l0 < lp; l0 += ASSIGN_LANES) {
+        __m256 acc[ASSIGN_KEYS][2];
+        for (int kk = 0; kk < ASSIGN_KEYS; kk++) acc[kk][0] = acc[kk][1] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i++) {
+            const float *c = ct + i * lp + l0;
+            const __m256 c0 = _mm256_loadu_ps(c), c1 = _mm256_loadu_ps(c + 8);
+            for (int kk = 0; kk < ASSIGN_KEYS; kk++) {
+                const __m256 xv = _mm256_broadcast_ss(xb + kk * d + i);
+                acc[kk][0] = _mm256_fmadd_ps(xv, c0, acc[kk][0]);
+                acc[kk][1] = _mm256_fmadd_ps(xv, c1, acc[kk][1]);
+            }
+        }
+        const __m256 h0 = _mm256_loadu_ps(hn + l0), h1 = _mm256_loadu_ps(hn + l0 + 8);
+        for (int kk = 0; kk < ASSIGN_KEYS; kk++) {
+            const __m256 d0 = _mm256_sub_ps(h0, acc[kk][0]), d1 = _mm256_sub_ps(h1, acc[kk][1]);
+            const __m256 lt0 = _mm256_cmp_ps(d0, best[kk][0], _CMP_LT_OQ);
+            const __m256 lt1 = _mm256_cmp_ps(d1, best[kk][1], _CMP_LT_OQ);
+            best[kk][0] = _mm256_blendv_ps(best[kk][0], d0, lt0);
+            best[kk][1] = _mm256_blendv_ps(best[kk][1], d1, lt1);
+            bix[kk][0] = _mm256_castps_si256(
+                _mm256_blendv_ps(_mm256_castsi256_ps(bix[kk][0]), _mm256_castsi256_ps(ix0), lt0));
+            bix[kk][1] = _mm256_castps_si256(
+                _mm256_blendv_ps(_mm256_castsi256_ps(bix[kk][1]), _mm256_castsi256_ps(ix1), lt1));
+        }
+        ix0 = _mm256_add_epi32(ix0, step);
+        ix1 = _mm256_add_epi32(ix1, step);
+    }
+    for (int kk = 0; kk < ASSIGN_KEYS; kk++) {
+        float b0, b1;
+        int64_t a0, a1;
+        argmin8(best[kk][0], bix[kk][0], &b0, &a0);
+        argmin8(best[kk][1], bix[kk][1], &b1, &a1);
+        arg[kk] = (b1 < b0 || (b1 == b0 && a1 < a0)) ? a1 : a0;
+    }
+}
+#endif
+
+/* The nearest centroid (L2) of each key of x [n, d]: out[i] = argmin_l half_norms[l] - x_i . c_l (the
+ * first on ties). The centroids come transposed, ct [d, lp] with lp a multiple of ASSIGN_LANES, and
+ * half_norms [lp] is +inf in the padding columns. Dot products are summed in float32 over i in order
+ * (with fused multiply-adds where the CPU has AVX2: a key within rounding of two centroids may go to
+ * either, depending on the instruction set). Returns 0, or -1 when out of memory. */
+int knn_assign(int64_t n, int64_t d, const float *x, int64_t lp, const float *ct, const float *hn, int64_t *out) {
+    float *xb = (float *)calloc((size_t)(ASSIGN_KEYS * d), sizeof(float));
+    if (!xb) return -1;
+    const int isa = knn_isa();
+    int64_t got[ASSIGN_KEYS];
+    for (int64_t k0 = 0; k0 < n; k0 += ASSIGN_KEYS) {
+        const int64_t nk = n - k0 < ASSIGN_KEYS ? n - k0 : ASSIGN_KEYS;
+        memcpy(xb, x + k0 * d, (size_t)(nk * d) * sizeof(float));
+        if (nk < ASSIGN_KEYS) memset(xb + nk * d, 0, (size_t)((ASSIGN_KEYS - nk) * d) * sizeof(float));
+#ifdef KNN_X86
+        if (isa >= ISA_AVX2)
+            assign_avx2(xb, d, lp, ct, hn, got);
+        else
+#endif
+            assign_scalar(xb, d, lp, ct, hn, got);
+        (void)isa;
+        for (int64_t kk = 0; kk < nk; kk++) out[k0 + kk] = got[kk];
+    }
+    free(xb);
+    return 0;
 }

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from indexes.inverted_lists import KINDS, InvertedLists
+from indexes.quantizer import Quantizer
 from indexes.select import top_k
 
 ASSIGN_BLOCK = 65536
@@ -105,8 +106,7 @@ class BoundedIVF:
         self.max_nprobe = 1  # lists a query may scan while its top-k is not certain
         # searched queries, lists and keys they scanned, queries that scanned max_nprobe lists
         self.stats = {"queries": 0, "lists_scanned": 0, "keys_scanned": 0, "capped": 0}
-        self._centroids = centroids  # [L, d] float32
-        self._half_norms = 0.5 * (centroids * centroids).sum(dim=1)  # [L]
+        self._quantizer = Quantizer(centroids, lists.is_native)  # the centroids keys are assigned by
 
     @property
     def hi(self) -> torch.Tensor:
@@ -121,7 +121,7 @@ class BoundedIVF:
     @property
     def centroids(self) -> torch.Tensor:
         """[L, d] the k-means centroids keys are assigned by."""
-        return self._centroids
+        return self._quantizer.centroids
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -153,19 +153,20 @@ class BoundedIVF:
 
     @property
     def d(self) -> int:
-        return int(self._centroids.shape[1])
+        return self.lists.dim
 
     @property
     def nlist(self) -> int:
-        return int(self._centroids.shape[0])
+        return self.lists.nlist
 
     def nbytes(self) -> int:
-        """The lists (codes and ids of their whole capacity), the centroids and their norms, bounds, counts."""
-        return int(self.lists.nbytes() + self.nlist * (self.d * 4 * 3 + 4 + 8))
+        """The lists (codes and ids of their whole capacity), the centroids and their norms (padded to
+        whole blocks), bounds, counts."""
+        return int(self.lists.nbytes() + self._quantizer.nbytes() + self.nlist * (self.d * 4 * 2 + 8))
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest centroid (L2) of each key ``x`` [n, d] -> [n] int64."""
-        return torch.addmm(self._half_norms, x, self._centroids.T, alpha=-1.0).argmin(dim=1)
+        """Nearest centroid (L2) of each key ``x`` [n, d] float32 -> [n] int64."""
+        return self._quantizer.assign(x)
 
     def decode_all(self) -> np.ndarray:
         """Every key, float32 [n, d] in id order (exact: the codes are the keys)."""
@@ -220,7 +221,7 @@ class BoundedIVF:
         """The centroids, every key's codes and id (list by list), the bounds and the list counts."""
         codes, ids = self.lists.export()
         return {
-            "centroids": self._centroids.clone(),
+            "centroids": self.centroids.clone(memory_format=torch.contiguous_format),
             "codes": codes,
             "ids": ids,
             "bounds": self.bounds.clone(),

@@ -219,7 +219,10 @@ def held_bytes(mem) -> int:
                 room = int(index.lists.capacities().sum())  # keys the lists have room for
                 assert room >= index.ntotal
                 total += room * (D * 2 + 4) + index.nlist * 32  # bf16 codes + int32 ids, list headers
-                total += index.centroids.numel() * 4 + index.nlist * 4  # centroids and their norms
+                # centroids (transposed) and their half norms, padded to whole blocks of 16 lists
+                padded = -(-index.nlist // 16) * 16
+                assert index._quantizer._ct.shape == (D, padded) and index._quantizer._hn.shape == (padded,)
+                total += padded * (D + 1) * 4
                 total += index.bounds.numel() * 4 + index.counts.numel() * 8
     return total
 
@@ -243,7 +246,8 @@ def test_nbytes_counts_the_arrays_held_and_is_near_dense(index):
         assert mem.nbytes == values + 2 * 1280 * 2 * D * 2
     else:
         lists = sum(mem.head_index(b, h).nlist for b in range(2) for h in range(2))
-        fixed = values + lists * (3 * D * 4 + 4 + 8 + 32)
+        padded = sum(-(-mem.head_index(b, h).nlist // 16) * 16 for b in range(2) for h in range(2))
+        fixed = values + lists * (2 * D * 4 + 8 + 32) + padded * (D + 1) * 4
         per_key = D * 2 + 4
         # at least every key; unused room at most a quarter of the keys plus under two blocks per list
         assert fixed + 2 * 2 * 1280 * per_key <= mem.nbytes
