@@ -795,16 +795,37 @@ int knn_scan(void *h, int64_t m, const float *q, int64_t k, int64_t cap, int64_t
     return scan_all((const knn_store *)h, m, q, k, lists, bounds, cap, nprobe, out_s, out_i, stats);
 }
 
-/* The `cap` largest of bound [nlist] (largest first) into rank_s / rank_l; s / id: room for nlist. */
-static void rank_lists(const float *bound, int64_t nlist, int64_t cap, float *s, int32_t *id, float *rank_s,
-                       int64_t *rank_l) {
-    memcpy(s, bound, (size_t)nlist * sizeof(float));
-    for (int64_t l = 0; l < nlist; l++) id[l] = (int32_t)l;
-    if (nlist > cap) select_largest(s, id, nlist, cap);
-    sort_desc(s, id, cap);
-    for (int64_t r = 0; r < cap; r++) {
-        rank_s[r] = s[r];
-        rank_l[r] = id[r];
+/* True when one of v [16] is above t (a loop the compiler vectorises). */
+static inline int any_above(const float *v, float t) {
+    int any = 0;
+    for (int j = 0; j < 16; j++) any |= v[j] > t;
+    return any;
+}
+
+/* The `cap` (<= nlist) largest of bound [nlist], largest first and the lower list first on equal bounds,
+ * into rank_s / rank_l [cap]. One pass that keeps the top sorted: once it holds `cap` lists, a run of 16
+ * bounds none of which beats the smallest kept is skipped with one vector compare, and a bound that does
+ * is inserted (about cap * ln(nlist / cap) insertions in all for bounds in random order). */
+static void rank_lists(const float *bound, int64_t nlist, int64_t cap, float *rank_s, int64_t *rank_l) {
+    int64_t n = 0;
+    float floor = -INFINITY; /* the smallest kept, once `cap` are kept */
+    for (int64_t l0 = 0; l0 < nlist; l0 += 16) {
+        const int64_t end = l0 + 16 < nlist ? l0 + 16 : nlist;
+        if (n == cap && end - l0 == 16 && !any_above(bound + l0, floor)) continue;
+        for (int64_t l = l0; l < end; l++) {
+            const float v = bound[l];
+            if (n == cap && !(v > floor)) continue;
+            int64_t p = n < cap ? n : cap - 1;
+            while (p > 0 && rank_s[p - 1] < v) {
+                rank_s[p] = rank_s[p - 1];
+                rank_l[p] = rank_l[p - 1];
+                p--;
+            }
+            rank_s[p] = v;
+            rank_l[p] = l;
+            if (n < cap) n++;
+            if (n == cap) floor = rank_s[cap - 1];
+        }
     }
 }
 
@@ -813,18 +834,14 @@ static void rank_lists(const float *bound, int64_t nlist, int64_t cap, float *s,
 int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound, int64_t cap, int64_t nprobe,
                float *out_s, int64_t *out_i, int64_t *stats) {
     const knn_store *s = (const knn_store *)h;
-    float *rs = (float *)malloc((size_t)(s->nlist + 16) * sizeof(float));
-    int32_t *ri = (int32_t *)malloc((size_t)(s->nlist + 16) * sizeof(int32_t));
     float *ranked_s = (float *)malloc((size_t)(m * cap) * sizeof(float));
     int64_t *ranked_l = (int64_t *)malloc((size_t)(m * cap) * sizeof(int64_t));
     int rc = -1;
-    if (rs && ri && ranked_s && ranked_l) {
+    if (ranked_s && ranked_l) {
         for (int64_t iq = 0; iq < m; iq++)
-            rank_lists(bound + iq * s->nlist, s->nlist, cap, rs, ri, ranked_s + iq * cap, ranked_l + iq * cap);
+            rank_lists(bound + iq * s->nlist, s->nlist, cap, ranked_s + iq * cap, ranked_l + iq * cap);
         rc = scan_all(s, m, q, k, ranked_l, ranked_s, cap, nprobe, out_s, out_i, stats);
     }
-    free(rs);
-    free(ri);
     free(ranked_s);
     free(ranked_l);
     return rc;

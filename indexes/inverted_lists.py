@@ -148,8 +148,8 @@ class InvertedLists:
     def search(
         self, q: np.ndarray, k: int, bound: torch.Tensor, cap: int, nprobe: int
     ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
-        """:meth:`scan` of each query's ``cap`` lists of largest ``bound`` [m, nlist] float32, in that order
-        (the ranking is done in the same pass; 1 <= ``cap`` <= nlist)."""
+        """:meth:`scan` of each query's ``cap`` lists of largest ``bound`` [m, nlist] float32, in that order,
+        the lower list first on equal bounds (the ranking is done in the same pass; 1 <= ``cap`` <= nlist)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         return self._lists.search(q, k, bound.contiguous(), cap, min(nprobe, cap))
 
@@ -307,8 +307,8 @@ class _PythonLists:
             self._size[l] = int(torch.searchsorted(ids, torch.tensor(n, dtype=torch.int32)))
 
     def search(self, q, k, bound, cap, nprobe):
-        bounds, lists = torch.topk(bound, cap, dim=1)
-        return self.scan(q, k, lists, bounds, nprobe)
+        bounds, lists = torch.sort(bound, dim=1, descending=True, stable=True)  # lower list first on ties
+        return self.scan(q, k, lists[:, :cap].contiguous(), bounds[:, :cap].contiguous(), nprobe)
 
     def scan(self, q, k, lists, bounds, nprobe):
         m, cap = lists.shape

@@ -145,6 +145,28 @@ def test_search_ranks_the_lists_itself_as_scan_over_the_top_bounds(engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_search_ranks_many_lists_and_breaks_ties_by_the_lower_list(engine):
+    lists, keys, owner = filled(engine, 1500, 8, torch.float32, 6000, step=6000)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(9, 8, generator=g)
+    bound = torch.randn(9, 1500, generator=g)
+    bound[:, 700:716] += 3  # one run of 16 holds several of the best, the others get skipped
+    for cap in (1, 8, 32, 1500):
+        top, ranked = torch.topk(bound, cap, dim=1)
+        want = lists.scan(q.numpy(), 5, ranked, top, cap)
+        got = lists.search(q.numpy(), 5, bound, cap, cap)
+        np.testing.assert_array_equal(got[1], want[1])
+        assert got[2] == want[2]
+    # equal bounds: the lower lists are the ones scanned (1 of 3, then 2 of 3)
+    flat = torch.zeros(9, 1500)
+    flat[:, [4, 9, 1200]] = 1.0
+    for cap, scanned in ((1, [4]), (2, [4, 9])):
+        ids = lists.search(q.numpy(), 6000, flat, cap, cap)[1]
+        inside = torch.isin(owner, torch.tensor(scanned))
+        assert sorted(i for i in ids[0].tolist() if i >= 0) == torch.nonzero(inside).squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_export_gives_the_keys_back_bit_for_bit_and_truncate_keeps_the_first(engine, dtype):
     lists, keys, owner = filled(engine, 7, 9, dtype, 500)
