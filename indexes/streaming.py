@@ -524,6 +524,8 @@ class StreamingIndex:
             dist, ids = self._index.search(_to_numpy(q), k)
             scores = torch.from_numpy(dist).to(self.device)
             ids_t = torch.from_numpy(ids).to(self.device)
+            if isinstance(self._index, BoundedIVF):  # its empty slots are -inf / -1 already
+                return scores, ids_t
             return self._clean(scores, ids_t)
         return self._exact(q, k)
 

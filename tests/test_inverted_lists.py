@@ -146,7 +146,7 @@ def test_search_ranks_the_lists_itself_as_scan_over_the_top_bounds(engine):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_search_ranks_many_lists_and_breaks_ties_by_the_lower_list(engine):
-    lists, keys, owner = filled(engine, 1500, 8, torch.float32, 6000, step=6000)
+    lists, _keys, owner = filled(engine, 1500, 8, torch.float32, 6000, step=6000)
     g = torch.Generator().manual_seed(5)
     q = torch.randn(9, 8, generator=g)
     bound = torch.randn(9, 1500, generator=g)
