@@ -13,6 +13,9 @@
  * then the scan stops as soon as the next list's bound is below the k-th score: no key left can
  * enter the top-k, so the result is exact. A query scans at most `cap` lists.
  *
+ * knn_assign() finds the nearest centroid of each new key (the list it goes to), and knn_gather() copies
+ * rows of chunked storage by id (the retrieved values of the memory, knn_memory/storage.py).
+ *
  * The dot products use AVX-512 (F, BW, VL) or AVX2 + FMA + F16C when the CPU has them, chosen at
  * run time; plain C otherwise. Every path sums in float32. The caller validates every argument.
  */
