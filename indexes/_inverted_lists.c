@@ -13,8 +13,9 @@
  * then the scan stops as soon as the next list's bound is below the k-th score: no key left can
  * enter the top-k, so the result is exact. A query scans at most `cap` lists.
  *
- * knn_assign() finds the nearest centroid of each new key (the list it goes to), and knn_gather() copies
- * rows of chunked storage by id (the retrieved values of the memory, knn_memory/storage.py).
+ * knn_assign() finds the nearest centroid of each new key (the list it goes to), knn_gather() copies
+ * rows of chunked storage by id (the retrieved values of the memory, knn_memory/storage.py), and
+ * knn_topk_rows() selects the k largest of each row of a score matrix (the exact search, indexes/select.py).
  *
  * The dot products use AVX-512 (F, BW, VL) or AVX2 + FMA + F16C when the CPU has them, chosen at
  * run time; plain C otherwise. Every path sums in float32. The caller validates every argument.
@@ -33,7 +34,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 3
+#define KNN_VERSION 4
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -1000,5 +1001,48 @@ int knn_assign(int64_t n, int64_t d, const float *x, int64_t lp, const float *ct
         for (int64_t kk = 0; kk < nk; kk++) out[k0 + kk] = got[kk];
     }
     free(xb);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ top-k of score rows */
+
+/* The k (1 <= k <= n) largest of each row of scores [m, n] (no NaN), largest first, into out_s / out_i
+ * [m, k] (positions in the row). Each row's first k are kept, then a run of 16 scores none of which beats
+ * the k-th kept so far is skipped with one vector compare, and the others go to the reservoir of the scan
+ * (a select trims it to k when it fills). Which of several scores equal at the k-th place is kept is
+ * fixed for a given row, not necessarily the earliest. Returns 0, or -1 when out of memory. */
+int knn_topk_rows(int64_t m, int64_t n, const float *scores, int64_t k, float *out_s, int64_t *out_i) {
+    knn_topk t;
+    if (topk_new(&t, k, 16)) {
+        topk_free(&t);
+        return -1;
+    }
+    for (int64_t row = 0; row < m; row++) {
+        const float *r = scores + row * n;
+        for (int64_t i = 0; i < k; i++) {
+            t.s[i] = r[i];
+            t.id[i] = (int32_t)i;
+        }
+        t.n = k;
+        topk_compact(&t); /* thr: the k-th of the first k */
+        for (int64_t j = k; j < n; j += 16) {
+            const int64_t end = j + 16 < n ? j + 16 : n;
+            if (end - j == 16 && !any_above(r + j, t.thr)) continue;
+            if (t.n + 16 > t.room) topk_compact(&t);
+            for (int64_t i = j; i < end; i++)
+                if (r[i] > t.thr) {
+                    t.s[t.n] = r[i];
+                    t.id[t.n] = (int32_t)i;
+                    t.n++;
+                }
+        }
+        topk_compact(&t);
+        sort_desc(t.s, t.id, t.n);
+        for (int64_t i = 0; i < k; i++) {
+            out_s[row * k + i] = t.s[i];
+            out_i[row * k + i] = t.id[i];
+        }
+    }
+    topk_free(&t);
     return 0;
 }

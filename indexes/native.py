@@ -15,7 +15,7 @@ import logging
 import threading
 from pathlib import Path
 
-VERSION = 3  # knn_version() of the C file this module was written for
+VERSION = 4  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ _SIGNATURES = {
     "knn_search": (ctypes.c_int, [_P, _I, _P, _I, _P, _I, _I, _P, _P, _P]),
     "knn_gather": (None, [_I, _P, _P, _P, _I, _I, _P, _I, _P]),
     "knn_assign": (ctypes.c_int, [_I, _I, _P, _I, _P, _P, _P]),
+    "knn_topk_rows": (ctypes.c_int, [_I, _I, _P, _I, _P, _P]),
 }
 
 

@@ -1,11 +1,24 @@
-"""`indexes.select.top_k` against `torch.topk` on every path (heap, partition, whole row)."""
+"""`indexes.select.top_k` against `torch.topk` on every path: the compiled selection, and without it the
+heap, the partition and the whole row."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from indexes import native, select
 from indexes.select import MIN_K, PARTITION_RANGE, top_k
+
+ENGINES = ["compiled", "torch"] if native.available() else ["torch"]
+
+
+@pytest.fixture(autouse=True, params=ENGINES, scope="module")
+def engine(request):
+    """Every test here once with the compiled selection (where built) and once without it."""
+    with pytest.MonkeyPatch.context() as m:
+        if request.param == "torch":
+            m.setattr(select.native, "library", lambda: None)
+        yield request.param
 
 
 def _check(scores: torch.Tensor, k: int) -> None:
@@ -46,6 +59,23 @@ def test_top_k_with_ties_and_infinities():
     values, pos = top_k(scores, 4)
     assert sorted(pos[0].tolist()[:3]) == [1, 2, 5]  # the three tied best, in some order
     assert values[2, 0] == float("inf") and pos[2, 0] == 0
+
+
+def test_the_compiled_selection_is_used_where_built(engine, monkeypatch):
+    calls = []
+    lib = native.library()
+    if lib is not None:
+        monkeypatch.setattr(
+            select.native,
+            "library",
+            lambda: type(
+                "Spy", (), {"knn_topk_rows": lambda self, *a: calls.append(a) or lib.knn_topk_rows(*a)}
+            )(),
+        )
+    top_k(torch.randn(3, 500), 7)
+    assert len(calls) == (1 if engine == "compiled" else 0)
+    top_k(torch.randn(3, 500, dtype=torch.float64), 7)  # another dtype: torch
+    assert len(calls) == (1 if engine == "compiled" else 0)
 
 
 def test_top_k_of_no_rows():
