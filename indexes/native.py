@@ -14,6 +14,10 @@ import importlib.machinery
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 VERSION = 4  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
@@ -105,13 +109,19 @@ def set_isa(name: str) -> str:
     return ISA_NAMES[lib.knn_set_isa(ISA_NAMES.index(name))]
 
 
+def isas() -> tuple[str, ...]:
+    """Every instruction set the compiled scan can use on this CPU, plain C first (``()`` without the library)."""
+    best = best_isa()
+    return () if best == "none" else ISA_NAMES[: ISA_NAMES.index(best) + 1]
+
+
 def best_isa() -> str:
     """The best instruction set this CPU offers the compiled scan (``"none"`` without the library)."""
     lib = library()
     return "none" if lib is None else ISA_NAMES[lib.knn_best_isa()]
 
 
-def gather_rows(views: list, ids) -> object | None:
+def gather_rows(views: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor | None:
     """Rows of chunked storage by entry id, by the compiled library, or None where it cannot.
 
     Args:

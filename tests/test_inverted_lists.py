@@ -18,11 +18,7 @@ from indexes.bounded_ivf import BoundedIVF
 from indexes.inverted_lists import InvertedLists, key_bytes
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-ENGINES = ["python"] + (
-    [f"native-{isa}" for isa in native.ISA_NAMES[: native.ISA_NAMES.index(native.best_isa()) + 1]]
-    if native.available()
-    else []
-)
+ENGINES = ["python"] + ([f"native-{isa}" for isa in native.isas()])
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +50,7 @@ def test_the_compiled_lists_are_built_here():
     """The install builds them (setup.py); a silent fall-back to the Python lists would hide a break."""
     assert native.available(), "indexes/_inverted_lists.c was not built: reinstall (pip install -e .)"
     assert native.isa() in native.ISA_NAMES
+    assert native.isas()[0] == "scalar" and native.isas()[-1] == native.best_isa()
     with pytest.raises(ValueError, match="isa must be one of"):
         native.set_isa("sse9")
 

@@ -11,11 +11,7 @@ from indexes import native
 from indexes.quantizer import Quantizer
 
 # torch, then the compiled kernel with each instruction set this CPU has
-ENGINES = ["torch"] + (
-    [f"native-{isa}" for isa in native.ISA_NAMES[: native.ISA_NAMES.index(native.best_isa()) + 1]]
-    if native.available()
-    else []
-)
+ENGINES = ["torch"] + ([f"native-{isa}" for isa in native.isas()])
 
 
 @pytest.fixture(scope="module")
