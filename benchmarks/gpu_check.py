@@ -401,7 +401,9 @@ def _prefill_run(
     def guard(module, args, kwargs):  # before each window's first layer
         deadline.check(f"the window after {seen['tokens']} tokens")
         hidden = args[0] if args else kwargs["hidden_states"]
-        seen["tokens"] += int(hidden.shape[1])
+        seen["tokens"] += int(
+            hidden.shape[0] // ids.shape[0] * hidden.shape[1]
+        )  # [G * B, n, D] stacked windows
 
     ids = prompt.input_ids.to(device)
     warm = min(2048, ids.shape[1])

@@ -18,6 +18,11 @@ How one call runs (upstream LongLLaMA's semantics, see ``split_windows``):
   memory (memory layers) or dropped (other layers).
 * Local keys are stored un-rotated with their absolute positions and rotated on every call by their position
   relative to the oldest local key. Memory keys are never rotated (position 0), queries always are.
+* Consecutive prefix windows of one length with no local cache depend on each other only through the
+  memory: up to ``GROUP_TOKENS`` tokens of them run as one batch (embeddings, projections, RoPE, MLPs,
+  norms, local attention), and each memory layer attends and adds to its memory window by window, in
+  order. The result is bit for bit that of running them one by one; short windows (the embedded model's
+  64 tokens) no longer pay the per-call cost of every small operation once per window.
 * Every layer calls ``knn_memory.memory_attention`` (memory layers pass their memory backend): one softmax
   over [local keys ; memory entries], upstream's numerics.
 * A call may pass a ``memory_override`` (:class:`MemoryOverride`): its memory layers then attend to the
@@ -55,6 +60,9 @@ logger = logging.get_logger(__name__)
 
 # Largest span of given position_ids in one call: float32 holds every integer position exactly below 2**24.
 MAX_POSITION_SPAN = 2**24
+# Most tokens (all rows together) of the prefix windows that run as one batch (LongLlamaModel._prefix_group):
+# a window's non-memory work then costs one large call instead of many small ones.
+GROUP_TOKENS = 2048
 
 
 class LongLlamaRMSNorm(nn.Module):
@@ -125,6 +133,9 @@ class WindowContext:
             attention.
         memory_override: None, or what builds the memory each memory layer attends to instead of the cache's
             (see :class:`MemoryOverride`).
+        group: the number G of consecutive prefix windows stacked along the batch (rows ``g * B`` to
+            ``(g + 1) * B - 1`` hold window g); memory layers take them one after the other (see
+            :meth:`LongLlamaModel._forward_window_group`). 1: one window.
     """
 
     attention_mask: torch.Tensor
@@ -135,6 +146,7 @@ class WindowContext:
     memory_after_attention: bool
     mask: torch.Tensor
     memory_override: MemoryOverride | None = None
+    group: int = 1
 
 
 class LongLlamaAttention(nn.Module):
@@ -185,14 +197,51 @@ class LongLlamaAttention(nn.Module):
         memory = layer_cache.memory if self.is_memory_layer else None
         if self.is_memory_layer and window.memory_override is not None:
             memory = window.memory_override(k, v, window.mask, self.mem_dtype)
-        out = knn_memory.memory_attention(
-            q, keys, values, window.attention_mask, memory, grouping=self.grouping, use_sdpa=self.use_sdpa
-        )  # [B, H, n, d]
-
-        if memory is not None and window.memory_after_attention:
-            add_to_memory(memory, k, v, window.mask)
-
+        if memory is None or window.group == 1:
+            out = self._attend(q, keys, values, window.attention_mask, memory, k, v, window)  # [B, H, n, d]
+        else:
+            # G stacked prefix windows: each attends to the memory of every window before it, so they
+            # take the memory one after the other, exactly as separate calls would
+            rows = B // window.group
+            out = torch.cat(
+                [
+                    self._attend(
+                        q[r : r + rows],
+                        keys[r : r + rows],
+                        values[r : r + rows],
+                        window.attention_mask[r : r + rows],
+                        memory,
+                        k[r : r + rows],
+                        v[r : r + rows],
+                        window,
+                        window.mask[r : r + rows],
+                    )
+                    for r in range(0, B, rows)
+                ]
+            )
         return self.o_proj(out.transpose(1, 2).reshape(B, n, D))
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        memory: knn_memory.MemoryBackend | None,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: WindowContext,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of one window's queries ``q`` [B, H, n, d] over its local ``keys``/``values`` and the
+        memory, which then receives the window's un-rotated ``k``/``v`` [B, H, n, d] if the window goes to
+        memory (``mask`` [B, n]: its real tokens, default ``window.mask``). -> [B, H, n, d]."""
+        out = knn_memory.memory_attention(
+            q, keys, values, attention_mask, memory, grouping=self.grouping, use_sdpa=self.use_sdpa
+        )
+        if memory is not None and window.memory_after_attention:
+            add_to_memory(memory, k, v, window.mask if mask is None else mask)
+        return out
 
 
 class LongLlamaDecoderLayer(nn.Module):
@@ -396,7 +445,30 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         hidden_parts: list[torch.Tensor] = []
         layer_parts: list[list[torch.Tensor]] = []
         window_length, alignment = config.max_position_embeddings, config.window_alignment
-        for begin, end in split_windows(n, window_length, last_context_length, alignment):
+        spans = split_windows(n, window_length, last_context_length, alignment)
+        at = 0
+        while at < len(spans):
+            group = self._prefix_group(spans, at, n, B, state, use_cache, memory_override)
+            if group > 1:
+                begin, end = spans[at][0], spans[at + group - 1][1]
+                hidden, layers = self._forward_window_group(
+                    self.embed_tokens(input_ids[:, begin:end])
+                    if inputs_embeds is None
+                    else inputs_embeds[:, begin:end],
+                    mask[:, past + begin : past + end],
+                    position_ids[:, begin:end],
+                    group,
+                    state,
+                    output_hidden_states,
+                )
+                hidden_parts.extend(hidden)
+                layer_parts.extend(layers)
+                while hidden_to_keep and sum(h.shape[1] for h in hidden_parts[1:]) >= hidden_to_keep:
+                    hidden_parts.pop(0)
+                at += group
+                continue
+            begin, end = spans[at]
+            at += 1
             local = state.local_length
             final = end == n
             # a prefix window keeps a local cache only if one already exists (upstream)
@@ -468,6 +540,97 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 f"only below {MAX_POSITION_SPAN} (2**24)"
             )
         return position_ids
+
+    def _prefix_group(
+        self,
+        spans: list[tuple[int, int]],
+        at: int,
+        n: int,
+        B: int,
+        state: LongLlamaCache,
+        use_cache: bool,
+        memory_override: MemoryOverride | None,
+    ) -> int:
+        """How many windows from ``spans[at]`` on can run as one group (:meth:`_forward_window_group`).
+
+        Those are consecutive windows of one length that start with no local cache and go to memory
+        (every prefix window of a fresh call, and the final one too with ``use_cache=False``), at most
+        :data:`GROUP_TOKENS` tokens of the batch in all; never with a ``memory_override`` (FoT training)
+        or gradient checkpointing. 1: the window runs alone."""
+        if (
+            state.local_length > 0
+            or memory_override is not None
+            or (self.gradient_checkpointing and self.training)
+        ):
+            return 1
+        length = spans[at][1] - spans[at][0]
+        most = max(1, GROUP_TOKENS // max(B * length, 1))
+        count = 0
+        for begin, end in spans[at : at + most]:
+            if end - begin != length or (end == n and use_cache):
+                break
+            count += 1
+        return max(count, 1)
+
+    def _forward_window_group(
+        self,
+        inputs_embeds: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        group: int,
+        state: LongLlamaCache,
+        output_hidden_states: bool,
+    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """``group`` consecutive windows of n tokens each that start with no local cache and go to memory,
+        as one batch of ``group * B`` rows.
+
+        A window's layers depend on earlier windows only through the memory: everything else (embeddings,
+        projections, RoPE, MLPs, norms, the local attention) runs for the G windows at once, and each
+        memory layer attends and adds to its memory window by window, in order (``WindowContext.group``).
+        The result is that of G calls to :meth:`_forward_window`.
+
+        Args:
+            inputs_embeds: [B, G * n, D]; mask: [B, G * n] bool (real tokens); position_ids: [B, G * n].
+            group: G.
+            state: the cache, updated in place (memories; no local cache is kept).
+            output_hidden_states: also return each window's per-layer hidden states.
+
+        Returns:
+            each window's normed hidden states [B, n, D] (G of them), and each window's per-layer hidden
+            states if asked (else G empty lists).
+        """
+        B, total = inputs_embeds.shape[:2]
+        n = total // group
+
+        def stack(t: torch.Tensor) -> torch.Tensor:  # [B, G * n, ...] -> [G * B, n, ...], window-major
+            return t.reshape(B, group, n, *t.shape[2:]).transpose(0, 1).reshape(group * B, n, *t.shape[2:])
+
+        rows_mask = stack(mask)
+        cos, sin = self.rope.lookup(relative_positions(stack(position_ids)), inputs_embeds.dtype)
+        window = WindowContext(
+            attention_mask=build_attention_mask(rows_mask, n, inputs_embeds.dtype),
+            cos=cos,
+            sin=sin,
+            cache=state,
+            use_cache=False,
+            memory_after_attention=True,
+            mask=rows_mask,
+            group=group,
+        )
+        hidden_states = stack(inputs_embeds)
+        per_layer = []
+        for layer in self.layers:
+            if output_hidden_states:
+                per_layer.append(hidden_states)
+            hidden_states = layer(hidden_states, window)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            per_layer.append(hidden_states)
+        state.positions = None
+        state.seen_tokens += group * n
+        windows = list(hidden_states.split(B))
+        layers = [[h[g * B : (g + 1) * B] for h in per_layer] for g in range(group)]
+        return windows, layers
 
     def _forward_window(
         self,

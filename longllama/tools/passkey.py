@@ -226,7 +226,9 @@ def _token_progress(model, prompt: PasskeyPrompt, enabled: bool, label: str):
 
     def count(module, args, kwargs, output):
         hidden = args[0] if args else kwargs.get("hidden_states")
-        bar.update(min(int(hidden.shape[1]), total - bar.n))
+        # prefix windows may run stacked along the batch ([G * B, n, D]): G * n tokens of the prompt
+        tokens = hidden.shape[0] // prompt.input_ids.shape[0] * hidden.shape[1]
+        bar.update(min(int(tokens), total - bar.n))
 
     handle = model.model.layers[0].register_forward_hook(count, with_kwargs=True)
     try:
