@@ -975,6 +975,69 @@ __attribute__((target("avx2,fma"))) static void assign_avx2(const float *xb, int
         arg[kk] = (b1 < b0 || (b1 == b0 && a1 < a0)) ? a1 : a0;
     }
 }
+/* assign_avx2 with 16-lane registers, two blocks of centroids per step (then a last single block): the
+ * same sums in the same order, so the same lists. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void assign_avx512(const float *xb, int64_t d, int64_t lp,
+                                                                             const float *ct, const float *hn,
+                                                                             int64_t *arg) {
+    __m512 best[ASSIGN_KEYS][2];
+    __m512i bix[ASSIGN_KEYS][2];
+    for (int kk = 0; kk < ASSIGN_KEYS; kk++)
+        for (int h = 0; h < 2; h++) {
+            best[kk][h] = _mm512_set1_ps(INFINITY);
+            bix[kk][h] = _mm512_setzero_si512();
+        }
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t l0 = 0; l0 < lp; l0 += 2 * ASSIGN_LANES) {
+        const int two = l0 + 2 * ASSIGN_LANES <= lp; /* else one last block */
+        __m512 acc[ASSIGN_KEYS][2];
+        for (int kk = 0; kk < ASSIGN_KEYS; kk++) acc[kk][0] = acc[kk][1] = _mm512_setzero_ps();
+        if (two) {
+            for (int64_t i = 0; i < d; i++) {
+                const float *c = ct + i * lp + l0;
+                const __m512 c0 = _mm512_loadu_ps(c), c1 = _mm512_loadu_ps(c + ASSIGN_LANES);
+                for (int kk = 0; kk < ASSIGN_KEYS; kk++) {
+                    const __m512 xv = _mm512_set1_ps(xb[kk * d + i]);
+                    acc[kk][0] = _mm512_fmadd_ps(xv, c0, acc[kk][0]);
+                    acc[kk][1] = _mm512_fmadd_ps(xv, c1, acc[kk][1]);
+                }
+            }
+        } else {
+            for (int64_t i = 0; i < d; i++) {
+                const __m512 c0 = _mm512_loadu_ps(ct + i * lp + l0);
+                for (int kk = 0; kk < ASSIGN_KEYS; kk++)
+                    acc[kk][0] = _mm512_fmadd_ps(_mm512_set1_ps(xb[kk * d + i]), c0, acc[kk][0]);
+            }
+        }
+        for (int h = 0; h < 1 + two; h++) {
+            const int64_t at = l0 + h * ASSIGN_LANES;
+            const __m512 hv = _mm512_loadu_ps(hn + at);
+            const __m512i ix = _mm512_add_epi32(lane, _mm512_set1_epi32((int)at));
+            for (int kk = 0; kk < ASSIGN_KEYS; kk++) {
+                const __m512 dist = _mm512_sub_ps(hv, acc[kk][h]);
+                const __mmask16 lt = _mm512_cmp_ps_mask(dist, best[kk][h], _CMP_LT_OQ);
+                best[kk][h] = _mm512_mask_mov_ps(best[kk][h], lt, dist);
+                bix[kk][h] = _mm512_mask_mov_epi32(bix[kk][h], lt, ix);
+            }
+        }
+    }
+    for (int kk = 0; kk < ASSIGN_KEYS; kk++) {
+        float vs[2 * ASSIGN_LANES];
+        int32_t is[2 * ASSIGN_LANES];
+        _mm512_storeu_ps(vs, best[kk][0]);
+        _mm512_storeu_ps(vs + ASSIGN_LANES, best[kk][1]);
+        _mm512_storeu_si512((void *)is, bix[kk][0]);
+        _mm512_storeu_si512((void *)(is + ASSIGN_LANES), bix[kk][1]);
+        float b = vs[0];
+        int32_t a = is[0];
+        for (int j = 1; j < 2 * ASSIGN_LANES; j++)
+            if (vs[j] < b || (vs[j] == b && is[j] < a)) {
+                b = vs[j];
+                a = is[j];
+            }
+        arg[kk] = a;
+    }
+}
 #endif
 
 /* The nearest centroid (L2) of each key of x [n, d]: out[i] = argmin_l half_norms[l] - x_i . c_l (the
@@ -992,7 +1055,9 @@ int knn_assign(int64_t n, int64_t d, const float *x, int64_t lp, const float *ct
         memcpy(xb, x + k0 * d, (size_t)(nk * d) * sizeof(float));
         if (nk < ASSIGN_KEYS) memset(xb + nk * d, 0, (size_t)((ASSIGN_KEYS - nk) * d) * sizeof(float));
 #ifdef KNN_X86
-        if (isa >= ISA_AVX2)
+        if (isa >= ISA_AVX512)
+            assign_avx512(xb, d, lp, ct, hn, got);
+        else if (isa >= ISA_AVX2)
             assign_avx2(xb, d, lp, ct, hn, got);
         else
 #endif
