@@ -274,3 +274,105 @@ def test_peak_rss_sees_a_rise_inside_the_block():
     for bad in (0, -1.0, float("nan"), "0.1"):
         with pytest.raises(ValueError, match="interval_s"):
             PeakRSS(interval_s=bad)
+
+
+def _auto_model():
+    return LongLlamaForCausalLM.from_pretrained(
+        embedded_model_path(), mem_backend="faiss", mem_index="auto", mem_top_k=16,
+        mem_index_params={"exact_until": 256},
+    ).eval()  # fmt: skip
+
+
+def test_checkpointed_run_equals_one_run_and_resumes_where_it_stopped(embedded, tmp_path, monkeypatch):
+    from longllama.passkey import PrefillCheckpoints
+
+    _, tok = embedded
+    model = _auto_model()
+    prompt = make_prompt(tok, 2048, seed=5)
+    plain = run_passkey(model, tok, prompt)
+    # an uninterrupted checkpointed run: the same answer, probability and all; its folder is gone after
+    ckpt = PrefillCheckpoints(tmp_path / "ck", 300)  # rounded down to 256 (4 windows of 64)
+    same = run_passkey(model, tok, prompt, checkpoints=ckpt)
+    assert (same.output, same.answer_prob, same.correct) == (plain.output, plain.answer_prob, plain.correct)
+    assert not ckpt.folder(prompt).exists()
+    # stopped after the second save: the folder says how far it got
+    saves, reads = [], []
+    real_save, real_read = PrefillCheckpoints.save, PrefillCheckpoints.read
+
+    def save_then_die(self, model, prompt, cache, done, seconds, peak):
+        real_save(self, model, prompt, cache, done, seconds, peak)
+        saves.append(done)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PrefillCheckpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_passkey(model, tok, prompt, checkpoints=ckpt)
+    assert saves == [256, 512]
+    progress = json.loads((ckpt.folder(prompt) / "progress.json").read_text())
+    assert progress["tokens"] == 512 and progress["seconds"] > 0 and progress["peak_rss_bytes"] > 0
+    # the next run reads only what is left, and gives the same result
+    monkeypatch.setattr(PrefillCheckpoints, "save", real_save)
+
+    def counted_read(model, input_ids, begin, end, cache):
+        reads.append((begin, end))
+        return real_read(model, input_ids, begin, end, cache)
+
+    monkeypatch.setattr(PrefillCheckpoints, "read", staticmethod(counted_read))
+    resumed = run_passkey(model, tok, prompt, checkpoints=ckpt)
+    assert reads[0][0] == 512 and all(e % 64 == 0 for _, e in reads)
+    assert (resumed.output, resumed.answer_prob) == (plain.output, plain.answer_prob)
+    assert resumed.seconds >= progress["seconds"] and resumed.peak_rss_bytes >= progress["peak_rss_bytes"]
+    assert not ckpt.folder(prompt).exists()
+
+
+def test_checkpoint_stops_and_refusals(embedded, tmp_path):
+    from longllama.passkey import PrefillCheckpoints
+
+    model, tok = embedded
+    config = model.config  # window 64, last_context_length 32
+    ck = PrefillCheckpoints(tmp_path, 200)  # pieces of 192 tokens
+    # 1000 tokens: one call would send 0..968 to memory in windows of 64 from the start; whole windows
+    # up to 960 are read in pieces, the rest (a 8-token window and the final 32) by generate()
+    assert ck.stops(config, 1000, 32, 0) == [192, 384, 576, 768, 960]
+    assert ck.stops(config, 1000, 32, 768) == [960]
+    assert ck.stops(config, 1000, 32, 960) == []
+    assert PrefillCheckpoints(tmp_path, 10).stops(config, 200, 32, 0) == [64, 128]  # at least a window
+    with pytest.raises(ValueError, match="window_alignment"):
+        ck.stops(_with(config, window_alignment="end"), 1000, 32, 0)
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="checkpoint interval"):
+            PrefillCheckpoints(tmp_path, bad)
+    # a folder of another prompt is refused, not silently continued
+    prompt, other = make_prompt(tok, 512, seed=1), make_prompt(tok, 512, seed=2)
+    ck.name = "x"
+    ck.folder(prompt).mkdir(parents=True)
+    (ck.folder(prompt) / "progress.json").write_text(
+        json.dumps({"tokens": 64, "seconds": 1.0, "peak_rss_bytes": 1,
+                    "prompt": {"n_tokens": other.n_tokens, "seed": 2, "key": other.key, "depth": None}})
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="another prompt"):
+        ck.resume(model, prompt)
+    # without resume a run starts afresh and removes what was there
+    fresh = PrefillCheckpoints(tmp_path, 200, resume=False)
+    fresh.name = "x"
+    assert fresh.resume(model, prompt)[0] == 0 and not fresh.folder(prompt).exists()
+
+
+def _with(config, **changes):
+    new = type(config).from_dict(config.to_dict())
+    for k, v in changes.items():
+        setattr(new, k, v)
+    return new
+
+
+def test_cli_checkpoints(tmp_path, capsys):
+    out = tmp_path / "pk"
+    argv = ["--lengths", "1k", "--seeds", "1", "--backend", "faiss:Flat", "--top-k", "16", "--threads", "1",
+            "--out", str(out), "--no-progress", "--checkpoint-every", "256"]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["correct"]
+    assert list((out / "checkpoints").iterdir()) == []  # nothing left once the run is done
+    assert main([*argv[:-1], "abc", "--resume"]) == 2
+    assert "token count" in capsys.readouterr().err

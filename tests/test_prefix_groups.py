@@ -3,7 +3,6 @@ them one window at a time gives: the same logits, hidden states and memory, bit 
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -143,35 +142,3 @@ def test_group_sizes(monkeypatch):
         model(torch.randint(3, 64, (1, 8)), use_cache=True, past_key_values=state)
     assert state.local_length == 8
     assert inner._prefix_group(spans, 0, 100, 1, state, True, None) == 1
-
-
-@pytest.mark.parametrize("tokens", [0, 2048])
-def test_progress_counts_stacked_windows(monkeypatch, tokens):
-    """The passkey progress bar counts G * n tokens for a group of G windows (no more than the prompt)."""
-    from longllama.tools import passkey
-
-    monkeypatch.setattr(modeling, "GROUP_TOKENS", tokens)
-    model = tiny_model()
-    seen = []
-
-    class Bar:
-        n = 0
-
-        def __init__(self, total, **kw):
-            self.total = total
-
-        def update(self, k):
-            seen.append(k)
-            self.n += k
-
-        def close(self):
-            pass
-
-    import tqdm
-
-    monkeypatch.setattr(tqdm, "tqdm", Bar)
-    prompt = type("P", (), {"n_tokens": 150, "answer_ids": [1, 2], "length": 150})()
-    prompt.input_ids = torch.randint(3, 64, (1, 150))
-    with passkey._token_progress(model, prompt, True, "x"), torch.no_grad():
-        model(prompt.input_ids)
-    assert sum(seen) == 150

@@ -17,9 +17,11 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
 from longllama.tools.peak_rss import PeakRSS
 
@@ -124,6 +126,121 @@ class PasskeyResult:
     decode_tokens_per_second: float | None = None
 
 
+class PrefillCheckpoints:
+    """Save a long prompt's memory as it is read, so that a run stopped part way continues later.
+
+    The prompt's prefix is read in pieces of ``every`` tokens (whole windows), each piece a call of the
+    model with ``use_cache=False`` and ``last_context_length`` of one window, so that every piece's
+    windows go to memory exactly where one call would have cut them (the model's ``"start"`` window
+    alignment); ``generate()`` then reads the rest (the last windows and the final one) from that memory.
+    After every piece the memory (:meth:`~longllama.LongLlamaForCausalLM.save_memory`) and a small
+    ``progress.json`` (tokens read, seconds spent, peak RSS so far, the prompt's identity) are written to
+    ``directory / <run name>``; a later run of the same prompt, backend and model loads them and goes on.
+    The run's folder is removed once its result exists.
+
+    Args:
+        directory: where the runs' folders go (created when first needed).
+        every: prompt tokens between two saves (rounded down to whole windows, at least one window).
+    """
+
+    def __init__(self, directory: str | Path, every: int, resume: bool = True) -> None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"checkpoint interval must be a positive number of tokens, got {every!r}")
+        self.directory = Path(directory)
+        self.every = every
+        self.continue_saved = resume  # False: a run starts afresh, removing what an earlier one saved
+        self.name = "run"  # the run's folder name: the caller sets it per run (e.g. from the backend label)
+
+    def name_for(self, label: str) -> None:
+        """Name the next run's folder after ``label`` (characters other than letters, digits, ``.-=`` become ``_``)."""
+        import re
+
+        self.name = re.sub(r"[^A-Za-z0-9.=-]+", "_", label) or "run"
+
+    def folder(self, prompt: PasskeyPrompt) -> Path:
+        return self.directory / f"{self.name}-{prompt.length}-{prompt.seed}-{prompt.depth}"
+
+    def stops(self, config, n_tokens: int, last_context_length: int, done: int) -> list[int]:
+        """Token counts after each piece still to read: multiples of the window up to the last whole
+        window before the final ``last_context_length`` tokens (empty when nothing is left to read)."""
+        if config.window_alignment != "start":
+            raise ValueError(
+                "prefill checkpoints need window_alignment='start' (the pieces' windows must fall where "
+                f"one call's would), got {config.window_alignment!r}"
+            )
+        window = config.max_position_embeddings
+        end = max(n_tokens - min(n_tokens, last_context_length), 0) // window * window
+        step = max(window, self.every // window * window)
+        return list(range(done + step, end, step)) + ([end] if end > done else [])
+
+    @staticmethod
+    def read(model, input_ids: torch.Tensor, begin: int, end: int, cache):
+        """Tokens ``begin:end`` of the prompt into memory (whole windows); returns the cache."""
+        window = model.config.max_position_embeddings
+        out = model.model(
+            input_ids[:, begin:end].to(model.device),
+            past_key_values=cache,
+            use_cache=False,
+            last_context_length=window,
+            hidden_to_keep=1,
+        )
+        return out.cache
+
+    def save(self, model, prompt: PasskeyPrompt, cache, done: int, seconds: float, peak: int) -> None:
+        import json
+
+        folder = self.folder(prompt)
+        model.save_memory(cache, folder / "memory")
+        record = {
+            "tokens": done,
+            "seconds": seconds,
+            "peak_rss_bytes": peak,
+            "prompt": {
+                "n_tokens": prompt.n_tokens,
+                "seed": prompt.seed,
+                "key": prompt.key,
+                "depth": prompt.depth,
+            },
+        }
+        tmp = folder / "progress.json.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(folder / "progress.json")
+
+    def resume(self, model, prompt: PasskeyPrompt) -> tuple[int, float, int, object]:
+        """(tokens read, seconds spent, peak RSS, cache) of a saved run of ``prompt``, or (0, 0.0, 0, None)."""
+        import json
+
+        folder = self.folder(prompt)
+        if not self.continue_saved:
+            self.clear(prompt)
+            return 0, 0.0, 0, None
+        try:
+            record = json.loads((folder / "progress.json").read_text())
+        except (OSError, ValueError):
+            return 0, 0.0, 0, None
+        mine = {"n_tokens": prompt.n_tokens, "seed": prompt.seed, "key": prompt.key, "depth": prompt.depth}
+        if record.get("prompt") != mine:
+            raise ValueError(
+                f"{folder} holds a checkpoint of another prompt ({record.get('prompt')}, not {mine})"
+            )
+        cache = model.load_memory(folder / "memory")
+        if cache.seen_tokens != record["tokens"]:
+            raise ValueError(
+                f"{folder}: the saved memory read {cache.seen_tokens} tokens, progress says {record['tokens']}"
+            )
+        return int(record["tokens"]), float(record["seconds"]), int(record["peak_rss_bytes"]), cache
+
+    def clear(self, prompt: PasskeyPrompt) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder(prompt), ignore_errors=True)
+
+
+# generate()'s name for a cache to continue from: ``cache`` in transformers 5 (``past_key_values`` there
+# warns of its removal), ``past_key_values`` before
+_CACHE_ARGUMENT = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+
+
 @torch.no_grad()
 def run_passkey(
     model,
@@ -133,29 +250,49 @@ def run_passkey(
     last_context_length: int | None = None,
     label: str = "",
     progress: bool = False,
+    checkpoints: PrefillCheckpoints | None = None,
 ) -> PasskeyResult:
     """Greedy-decode the answer of ``prompt`` and score it exactly as upstream.
 
     ``progress`` shows a bar of the tokens the model has read (prefill windows and generated tokens).
+    With ``checkpoints``, the prompt's memory is saved every ``checkpoints.every`` tokens and a run that
+    finds a checkpoint of the same prompt continues from it (:class:`PrefillCheckpoints`); the result is
+    the same, bit for bit, and ``seconds`` and the peak RSS cover every part of the run.
     """
+    done, spent, peak, cache = 0, 0.0, 0, None
+    if checkpoints is not None:
+        done, spent, peak, cache = checkpoints.resume(model, prompt)
     with (
         PeakRSS(interval_s=0.02) as rss,
-        _token_progress(model, prompt, progress, label),
-        _step_clock(model) as steps,
+        _token_progress(model, prompt, progress, label, start=done),
     ):
-        start = time.perf_counter()
-        out = model.generate(
-            prompt.input_ids.to(model.device),
-            max_new_tokens=len(prompt.answer_ids),
-            min_new_tokens=len(prompt.answer_ids),
-            num_beams=1,
-            do_sample=False,
-            last_context_length=last_context_length,
-            pad_token_id=model.config.pad_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        seconds = time.perf_counter() - start
+        if checkpoints is not None:
+            last = last_context_length or model.config.last_context_length
+            stops = checkpoints.stops(model.config, prompt.n_tokens, last, done)
+            for end in stops:
+                start = time.perf_counter()
+                cache = checkpoints.read(model, prompt.input_ids, done, end, cache)
+                spent += time.perf_counter() - start
+                done = end
+                if end != stops[-1]:  # the last piece goes straight on to generate()
+                    checkpoints.save(model, prompt, cache, done, spent, max(peak, rss.peak_bytes))
+        with _step_clock(model) as steps:
+            start = time.perf_counter()
+            out = model.generate(
+                prompt.input_ids.to(model.device),
+                max_new_tokens=len(prompt.answer_ids),
+                min_new_tokens=len(prompt.answer_ids),
+                num_beams=1,
+                do_sample=False,
+                last_context_length=last_context_length,
+                pad_token_id=model.config.pad_token_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **({} if cache is None else {_CACHE_ARGUMENT: cache}),
+            )
+            seconds = spent + time.perf_counter() - start
+    if checkpoints is not None:
+        checkpoints.clear(prompt)
     generated = out.sequences[0, prompt.input_ids.shape[1] :].tolist()
     return PasskeyResult(
         backend=label,
@@ -168,7 +305,7 @@ def run_passkey(
         output=tokenizer.decode(generated, skip_special_tokens=True).strip(),
         correct=generated == prompt.answer_ids,
         seconds=seconds,
-        peak_rss_bytes=rss.peak_bytes,
+        peak_rss_bytes=max(peak, rss.peak_bytes),
         answer_prob=answer_probability(out.logits, generated, prompt.answer_ids),
         decode_tokens_per_second=_decode_rate(steps),
     )
@@ -212,8 +349,9 @@ def answer_probability(logits: tuple[torch.Tensor, ...], generated: list[int], a
 
 
 @contextlib.contextmanager
-def _token_progress(model, prompt: PasskeyPrompt, enabled: bool, label: str):
-    """A tqdm bar fed by a forward hook on the first decoder layer: one update per window or step."""
+def _token_progress(model, prompt: PasskeyPrompt, enabled: bool, label: str, start: int = 0):
+    """A tqdm bar fed by a forward hook on the first decoder layer: one update per window or step
+    (``start``: tokens already read, by a run this one continues)."""
     if not enabled:
         yield
         return
@@ -221,7 +359,12 @@ def _token_progress(model, prompt: PasskeyPrompt, enabled: bool, label: str):
 
     total = prompt.n_tokens + len(prompt.answer_ids)
     bar = tqdm(
-        total=total, unit="tok", unit_scale=True, leave=False, desc=f"{label or 'run'} {prompt.length}"
+        total=total,
+        initial=start,
+        unit="tok",
+        unit_scale=True,
+        leave=False,
+        desc=f"{label or 'run'} {prompt.length}",
     )
 
     def count(module, args, kwargs, output):

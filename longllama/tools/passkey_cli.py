@@ -9,6 +9,14 @@ Defaults to the embedded model. ``--backend`` is any registered backend as ``nam
 ``summary.json`` and ``passkey.png`` (plus ``passkey_depth.png`` for fixed ``--depths``) into ``--out``
 and prints the table; ``--summarize-only`` rebuilds those from ``results.jsonl`` alone (e.g. after
 merging the files of several runs). Bad arguments exit with code 2 and one line on stderr.
+
+A run longer than a working session can be split: with ``--checkpoint-every 1m`` the prompt's memory is
+saved every million tokens under ``--out``/checkpoints, and the same command with ``--resume`` continues
+a stopped run from its last save (the result is the same, bit for bit; its seconds and peak RSS cover
+every part)::
+
+    longllama-passkey --lengths 10m --seeds 3 --backend faiss:auto --top-k 32 --threads 1 \
+        --out runs/10m --checkpoint-every 1m --resume
 """
 
 from __future__ import annotations
@@ -34,7 +42,14 @@ from longllama.tools.cli_args import (
     parse_option,
     parse_token_count,
 )
-from longllama.tools.passkey import PasskeyResult, make_prompt, memory_settings, run_passkey, summarize
+from longllama.tools.passkey import (
+    PasskeyResult,
+    PrefillCheckpoints,
+    make_prompt,
+    memory_settings,
+    run_passkey,
+    summarize,
+)
 
 INNER_PROGRESS_FROM = 32768  # prompts this long also get a bar of the tokens read within the run
 
@@ -217,7 +232,18 @@ def _parser() -> OneLineParser:
         "--threads", type=int, default=None, help="threads for torch and Faiss (each run uses this many)"
     )
     p.add_argument("--out", default="passkey_results", help="output directory")
-    p.add_argument("--resume", action="store_true", help="skip runs already in out/results.jsonl")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip runs already in out/results.jsonl, and continue a run from its last --checkpoint-every save",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        default=None,
+        metavar="TOKENS",
+        help="save a long prompt's memory every this many tokens (e.g. 1m) under out/checkpoints/, so that "
+        "--resume continues a run stopped part way (same result, bit for bit); removed once the run is done",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--summarize-only",
@@ -257,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         previous = read_results(results_path) if args.resume and results_path.is_file() else []
+        checkpoints = None
+        if args.checkpoint_every is not None:
+            checkpoints = PrefillCheckpoints(
+                out / "checkpoints", parse_length(args.checkpoint_every), resume=args.resume
+            )
         try:
             grouping = None if args.grouping is None else tuple(int(x) for x in args.grouping.split(","))
         except ValueError:
@@ -336,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             if key not in prompts:
                 prompts.clear()
                 prompts[key] = make_prompt(tokenizer, n, seed, depth)
+            if checkpoints is not None:
+                checkpoints.name_for(label)
             with memory_settings(model, **cfg):
                 r = run_passkey(
                     model,
@@ -344,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                     last_context_length=args.last_context_length,
                     label=label,
                     progress=main_rank and not args.no_progress and n >= INNER_PROGRESS_FROM,
+                    checkpoints=checkpoints,
                 )
             results.append(r)
             if log is not None:
