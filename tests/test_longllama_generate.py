@@ -193,3 +193,31 @@ def test_assisted_generation_is_refused(longllama_config):
     model = build(longllama_config())
     with pytest.raises(ValueError, match="stateful"):
         model.generate(random_ids(1, 10), max_new_tokens=2, assistant_model=build(longllama_config()))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padded", [False, True])
+def test_position_ids_are_passed_only_with_padding(longllama_config, padded):
+    # without padding generate() keeps no position tensor (the model continues from its local cache:
+    # the same differences); with padding every call gets cumsum(mask) - 1 positions, as upstream
+    model = build(longllama_config())
+    ids = random_ids(2, PROMPT_LENGTH)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True
+    )
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, last_context_length=8)
+    finally:
+        handle.remove()
+    assert len(seen) == 4
+    if not padded:
+        assert all(p is None for p in seen)
+        assert torch.equal(out[:, PROMPT_LENGTH:], greedy_by_hand(model, ids, 4)[0])
+    else:
+        positions = mask.cumsum(-1) - 1
+        assert torch.equal(seen[0], positions)
+        assert [p.tolist() for p in seen[1:]] == [[[r[-1] + s] for r in positions.tolist()] for s in (1, 2, 3)]
