@@ -210,7 +210,9 @@ def test_position_ids_are_passed_only_with_padding(longllama_config, padded):
         lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True
     )
     try:
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, last_context_length=8)
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=4, do_sample=False, last_context_length=8
+        )
     finally:
         handle.remove()
     assert len(seen) == 4
@@ -220,4 +222,6 @@ def test_position_ids_are_passed_only_with_padding(longllama_config, padded):
     else:
         positions = mask.cumsum(-1) - 1
         assert torch.equal(seen[0], positions)
-        assert [p.tolist() for p in seen[1:]] == [[[r[-1] + s] for r in positions.tolist()] for s in (1, 2, 3)]
+        assert [p.tolist() for p in seen[1:]] == [
+            [[r[-1] + s] for r in positions.tolist()] for s in (1, 2, 3)
+        ]
