@@ -1107,43 +1107,79 @@ int knn_assign(int64_t n, int64_t d, const float *x, int64_t lp, const float *ct
 
 /* ------------------------------------------------------------------ top-k of score rows */
 
-/* The k (1 <= k <= n) largest of each row of scores [m, n] (no NaN), largest first, into out_s / out_i
- * [m, k] (positions in the row). Each row's first k are kept, then a run of 16 scores none of which beats
- * the k-th kept so far is skipped with one vector compare, and the others go to the reservoir of the scan
- * (a select trims it to k when it fills). Which of several scores equal at the k-th place is kept is
- * fixed for a given row, not necessarily the earliest. Returns 0, or -1 when out of memory. */
+/* The largest of each run of 16 of r [n] (the last run may be shorter) into mx [ceil(n / 16)]: SSE
+ * maxima where there is SSE2 (every x86-64; gcc leaves the plain loop scalar), the plain loop else. */
+static void run_maxima(const float *r, int64_t n, float *mx) {
+    int64_t j = 0, run = 0;
+#if defined(KNN_X86) && defined(__SSE2__)
+    for (; j + 16 <= n; j += 16, run++) {
+        __m128 a = _mm_max_ps(_mm_loadu_ps(r + j), _mm_loadu_ps(r + j + 4));
+        a = _mm_max_ps(a, _mm_max_ps(_mm_loadu_ps(r + j + 8), _mm_loadu_ps(r + j + 12)));
+        a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+        a = _mm_max_ss(a, _mm_shuffle_ps(a, a, 1));
+        mx[run] = _mm_cvtss_f32(a);
+    }
+#endif
+    for (; j < n; j += 16, run++) {
+        const int64_t end = j + 16 < n ? j + 16 : n;
+        float v = r[j];
+        for (int64_t i = j + 1; i < end; i++) v = r[i] > v ? r[i] : v;
+        mx[run] = v;
+    }
+}
+
+/* Per row of scores [m, n] its k (1 <= k <= n) largest, best first, into out_s / out_i [m, k].
+ * A row of at least k runs of 16 first takes the maxima of its runs: the k-th largest of them, T, is
+ * a lower bound of the row's k-th largest (k runs reach T), so only the runs whose maximum reaches T
+ * can hold a top-k score, and of those only the scores >= T are kept: about k runs and a little over k
+ * candidates, whatever the order of the row (a reservoir fed in row order, as before, took every score
+ * above the smallest of the first k: most of a short row). A shorter row is selected whole. Of several
+ * scores equal at the k-th place the earliest are kept (unless more than 16 k candidates tie there).
+ * No NaN. Returns 0, or -1 when out of memory. */
 int knn_topk_rows(int64_t m, int64_t n, const float *scores, int64_t k, float *out_s, int64_t *out_i) {
-    knn_topk t;
-    if (topk_new(&t, k, 16)) {
-        topk_free(&t);
+    const int64_t runs = (n + 15) / 16, room = n > 16 * k ? 16 * k + n % 16 + 16 : n;
+    float *mx = (float *)malloc((size_t)runs * sizeof(float));
+    int32_t *mx_id = (int32_t *)malloc((size_t)runs * sizeof(int32_t));
+    float *cs = (float *)malloc((size_t)(room > runs ? room : runs) * sizeof(float));
+    int32_t *ci = (int32_t *)malloc((size_t)(room > runs ? room : runs) * sizeof(int32_t));
+    if (!mx || !mx_id || !cs || !ci) {
+        free(mx), free(mx_id), free(cs), free(ci);
         return -1;
     }
     for (int64_t row = 0; row < m; row++) {
         const float *r = scores + row * n;
-        for (int64_t i = 0; i < k; i++) {
-            t.s[i] = r[i];
-            t.id[i] = (int32_t)i;
-        }
-        t.n = k;
-        topk_compact(&t); /* thr: the k-th of the first k */
-        for (int64_t j = k; j < n; j += 16) {
-            const int64_t end = j + 16 < n ? j + 16 : n;
-            if (end - j == 16 && !any_above(r + j, t.thr)) continue;
-            if (t.n + 16 > t.room) topk_compact(&t);
-            for (int64_t i = j; i < end; i++)
-                if (r[i] > t.thr) {
-                    t.s[t.n] = r[i];
-                    t.id[t.n] = (int32_t)i;
-                    t.n++;
+        int64_t c = 0;
+        if (runs >= k) {
+            run_maxima(r, n, mx);
+            memcpy(cs, mx, (size_t)runs * sizeof(float));
+            select_largest(cs, mx_id, runs, k); /* the ids are not read */
+            float t = cs[0];
+            for (int64_t i = 1; i < k; i++) t = cs[i] < t ? cs[i] : t;
+            for (int64_t run = 0; run < runs; run++) {
+                if (mx[run] < t) continue;
+                const int64_t end = 16 * run + 16 < n ? 16 * run + 16 : n;
+                for (int64_t i = 16 * run; i < end; i++) {
+                    if (c == room) { /* only with many ties at t: keep the k best so far */
+                        select_largest(cs, ci, c, k);
+                        c = k;
+                    }
+                    cs[c] = r[i];
+                    ci[c] = (int32_t)i;
+                    c += r[i] >= t;
                 }
+            }
+        } else {
+            memcpy(cs, r, (size_t)n * sizeof(float));
+            for (int64_t i = 0; i < n; i++) ci[i] = (int32_t)i;
+            c = n;
         }
-        topk_compact(&t);
-        sort_desc(t.s, t.id, t.n);
+        if (c > k) select_largest(cs, ci, c, k);
+        sort_desc(cs, ci, k);
         for (int64_t i = 0; i < k; i++) {
-            out_s[row * k + i] = t.s[i];
-            out_i[row * k + i] = t.id[i];
+            out_s[row * k + i] = cs[i];
+            out_i[row * k + i] = ci[i];
         }
     }
-    topk_free(&t);
+    free(mx), free(mx_id), free(cs), free(ci);
     return 0;
 }

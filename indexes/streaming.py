@@ -8,7 +8,7 @@ at a time and are never removed one by one.
 * Before an index exists (``"Flat"`` always; any other spec until it has enough keys to train), keys
   live in a chunked store in ``store_dtype`` (the memory's dtype, e.g. bfloat16), searched exactly:
   each chunk is widened to float32 a block at a time, scored by one matmul and selected by
-  :func:`indexes.select.top_k` (``faiss.knn`` for blocks of more than :data:`SELECT_KEYS` keys).
+  :func:`indexes.select.top_k` (at most :data:`SELECT_SCORES` scores at a time).
 * Once an index exists, keys live in the index's own codes when those codes give the key back exactly
   (raw float32 codes: ``IVF...,Flat``, ``HNSW...``; the ``"auto"`` index's bf16 / fp16 codes), and
   retraining reads them back from there. Indexes with lossy codes (PQ, SQ8, residual scalar
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import NamedTuple
 
 import faiss
@@ -58,10 +59,31 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 1 << 20  # keys per store chunk at most (chunks double up to this)
 FIRST_KEY_CHUNK = 8192  # keys in the first store chunk (then doubling)
 EXACT_BLOCK = 32768  # keys widened to float32 at once by the exact search of a narrower store
-# The exact search scores a block of at most SELECT_KEYS keys with one matmul and selects with
-# indexes.select.top_k (1.3-2x faster than faiss.knn for 256-2048 keys, 64-2048 queries), and hands
-# larger blocks to faiss.knn, whose blocked matmul and heap win there (1.3-3.5x at 8192-32768 keys).
-SELECT_KEYS = 4096
+# The exact search scores a block of keys against a block of queries with one matmul and selects with
+# indexes.select.top_k, keeping each score matrix to at most SELECT_SCORES entries (8 MiB) by cutting
+# the queries; on the CPU the matrix is written into one buffer per thread, reused: a fresh one of that
+# size is mapped and zeroed by the kernel at every call (the GEMM of 128 x 100 by 100 x 32768 ran at
+# 171 GFLOP/s into a new matrix, 275 into a reused one). One core, head_dim 32, k 32: 2.6-4.1x faster
+# than faiss.knn on its BLAS path for 64 queries and 4096-65536 keys, 1.2-4.7x for 256-2048 queries
+# (faiss.knn won beyond 4096 keys before the selection's run maxima; see
+# benchmarks/results/compiled_kernels/README.md).
+SELECT_SCORES = 1 << 21
+_scores = threading.local()
+
+
+def _score_matrix(q: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """``q @ block.T`` [m, n] float32; on the CPU into this thread's reused buffer (valid until the
+    thread's next call)."""
+    if q.device.type != "cpu":
+        return q @ block.T
+    need = q.shape[0] * block.shape[0]
+    buf = getattr(_scores, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(max(need, SELECT_SCORES), dtype=torch.float32)
+        _scores.buf = buf
+    return torch.matmul(q, block.T, out=buf[:need].view(q.shape[0], block.shape[0]))
+
+
 # faiss.knn takes its BLAS path (blocked sgemm, then a heap) only for at least this many queries, else a
 # per-query SIMD loop. The faiss-cpu 1.15 wheel ships 128000, so every search here took the loop, which
 # is 3-4x slower at head_dim 32 (64 x 8192: 3.4 ms against 1.2 ms; 2048 x 32768: 390 ms against 90 ms)
@@ -541,25 +563,22 @@ class StreamingIndex:
         return scores, ids
 
     def _blocks(self):
-        """(offset, float32 [m, d] block) over the store, widened a block at a time."""
+        """(offset, float32 [m, d] block of at most EXACT_BLOCK keys) over the store."""
         offset = 0
         for view in self._store.views():
-            if view.dtype == torch.float32:
-                yield offset, view
-            else:
-                for begin in range(0, view.shape[0], EXACT_BLOCK):
-                    yield offset + begin, view[begin : begin + EXACT_BLOCK].to(torch.float32)
+            for begin in range(0, view.shape[0], EXACT_BLOCK):
+                yield offset + begin, view[begin : begin + EXACT_BLOCK].to(torch.float32)
             offset += view.shape[0]
 
     def _exact(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts_s, parts_i = [], []
         for offset, block in self._blocks():
-            if self.device.type != "cpu" or block.shape[0] <= SELECT_KEYS:
-                s, i = top_k(q @ block.T, k)
-            else:
-                kk = min(k, block.shape[0])
-                d_np, i_np = faiss.knn(q.numpy(), block.numpy(), kk, faiss.METRIC_INNER_PRODUCT)
-                s, i = torch.from_numpy(d_np), torch.from_numpy(i_np)
+            rows = max(1, SELECT_SCORES // block.shape[0])
+            if rows >= q.shape[0]:
+                s, i = top_k(_score_matrix(q, block), k)
+            else:  # a cut of the queries at a time: the score matrix stays small
+                cuts = [top_k(_score_matrix(q[r : r + rows], block), k) for r in range(0, q.shape[0], rows)]
+                s, i = torch.cat([c[0] for c in cuts]), torch.cat([c[1] for c in cuts])
             parts_s.append(s)
             parts_i.append(i + offset if offset else i)
         scores = torch.cat(parts_s, dim=1) if len(parts_s) > 1 else parts_s[0]

@@ -99,21 +99,22 @@ def test_top_k_property(m, n, k, integers, seed):
     _check(scores, k)
 
 
-@pytest.mark.parametrize("limit", [0, None])  # 0: every block through faiss.knn; None: matmul + top_k
-def test_store_exact_search_both_paths(monkeypatch, limit):
+@pytest.mark.parametrize("limit", [7000, None])  # 7000: 7 queries per matmul; None: all 40 at once
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_store_exact_search_both_paths(monkeypatch, limit, dtype):
     import indexes.streaming as streaming
     from indexes import StreamingIndex
 
     if limit is not None:
-        monkeypatch.setattr(streaming, "SELECT_KEYS", limit)
+        monkeypatch.setattr(streaming, "SELECT_SCORES", limit)
     monkeypatch.setattr(streaming, "EXACT_BLOCK", 1000)  # several blocks: the merge runs too
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(2500, 16, generator=g)
     q = torch.randn(40, 16, generator=g)
-    index = StreamingIndex(16, "Flat", store_dtype=torch.bfloat16)
+    index = StreamingIndex(16, "Flat", store_dtype=dtype)
     index.add(keys)
     scores, ids = index.search(q, 24)
-    stored = keys.to(torch.bfloat16).float()
+    stored = keys.to(dtype).float()
     want = torch.topk(q @ stored.T, 24, dim=1).values
     torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close((q[:, None, :] * stored[ids]).sum(-1), scores, rtol=1e-5, atol=1e-5)
