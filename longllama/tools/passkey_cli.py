@@ -73,13 +73,14 @@ def _label(backend: str, options: dict, top_k: int | None, knobs: dict) -> str:
 
 
 def plot(summary: list[dict], path: Path) -> None:
-    """Accuracy vs context length (log scale), one line per backend, with 95% intervals."""
+    """Two panels over context length (log scale), one line per backend: accuracy with 95% intervals,
+    and the mean seconds per run (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(12, 4.2))
     styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
     for i, backend in enumerate(sorted({r["backend"] for r in summary})):
         rows = sorted((r for r in summary if r["backend"] == backend), key=lambda r: r["length"])
@@ -90,6 +91,10 @@ def plot(summary: list[dict], path: Path) -> None:
         hi = [max(0.0, 100 * (r["ci95"][1] - r["accuracy"])) for r in rows]
         marker, line = styles[i % len(styles)]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, linestyle=line, capsize=3, label=backend)
+        ax_t.plot(
+            [r["length"] for r in rows], [r["mean_seconds"] for r in rows], marker=marker, linestyle=line,
+            label=backend,
+        )  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey accuracy (%)")
@@ -97,6 +102,13 @@ def plot(summary: list[dict], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Passkey retrieval")
+    ax_t.set_xscale("log", base=2)
+    ax_t.set_yscale("log")
+    ax_t.set_xlabel("context length (tokens)")
+    ax_t.set_ylabel("seconds per run (mean)")
+    ax_t.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=8)
+    ax_t.set_title("Time per run (prompt and answer)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
