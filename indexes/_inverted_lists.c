@@ -1139,11 +1139,10 @@ static void run_maxima(const float *r, int64_t n, float *mx) {
 int knn_topk_rows(int64_t m, int64_t n, const float *scores, int64_t k, float *out_s, int64_t *out_i) {
     const int64_t runs = (n + 15) / 16, room = n > 16 * k ? 16 * k + n % 16 + 16 : n;
     float *mx = (float *)malloc((size_t)runs * sizeof(float));
-    int32_t *mx_id = (int32_t *)malloc((size_t)runs * sizeof(int32_t));
     float *cs = (float *)malloc((size_t)(room > runs ? room : runs) * sizeof(float));
     int32_t *ci = (int32_t *)malloc((size_t)(room > runs ? room : runs) * sizeof(int32_t));
-    if (!mx || !mx_id || !cs || !ci) {
-        free(mx), free(mx_id), free(cs), free(ci);
+    if (!mx || !cs || !ci) {
+        free(mx), free(cs), free(ci);
         return -1;
     }
     for (int64_t row = 0; row < m; row++) {
@@ -1152,7 +1151,7 @@ int knn_topk_rows(int64_t m, int64_t n, const float *scores, int64_t k, float *o
         if (runs >= k) {
             run_maxima(r, n, mx);
             memcpy(cs, mx, (size_t)runs * sizeof(float));
-            select_largest(cs, mx_id, runs, k); /* the ids are not read */
+            select_largest(cs, ci, runs, k); /* ci as scratch: these ids are not read */
             float t = cs[0];
             for (int64_t i = 1; i < k; i++) t = cs[i] < t ? cs[i] : t;
             for (int64_t run = 0; run < runs; run++) {
@@ -1180,6 +1179,6 @@ int knn_topk_rows(int64_t m, int64_t n, const float *scores, int64_t k, float *o
             out_i[row * k + i] = ci[i];
         }
     }
-    free(mx), free(mx_id), free(cs), free(ci);
+    free(mx), free(cs), free(ci);
     return 0;
 }

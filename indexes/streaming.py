@@ -573,12 +573,9 @@ class StreamingIndex:
     def _exact(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts_s, parts_i = [], []
         for offset, block in self._blocks():
-            rows = max(1, SELECT_SCORES // block.shape[0])
-            if rows >= q.shape[0]:
-                s, i = top_k(_score_matrix(q, block), k)
-            else:  # a cut of the queries at a time: the score matrix stays small
-                cuts = [top_k(_score_matrix(q[r : r + rows], block), k) for r in range(0, q.shape[0], rows)]
-                s, i = torch.cat([c[0] for c in cuts]), torch.cat([c[1] for c in cuts])
+            rows = max(1, SELECT_SCORES // block.shape[0])  # a cut of the queries at a time
+            cuts = [top_k(_score_matrix(q[r : r + rows], block), k) for r in range(0, q.shape[0], rows)]
+            s, i = cuts[0] if len(cuts) == 1 else (torch.cat(part) for part in zip(*cuts, strict=True))
             parts_s.append(s)
             parts_i.append(i + offset if offset else i)
         scores = torch.cat(parts_s, dim=1) if len(parts_s) > 1 else parts_s[0]
