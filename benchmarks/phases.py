@@ -37,6 +37,7 @@ import torch
 import knn_memory
 from benchmarks.ceilings import matmul_gflops, read_bandwidth_gbs
 from benchmarks.measure import PeakRSS
+from indexes import batched
 from indexes.bounded_ivf import BoundedIVF
 from indexes.streaming import StreamingIndex
 from knn_memory.backends import faiss_index as faiss_backend
@@ -100,9 +101,6 @@ def instrumented(timers: Timers, head_dim: int):
 
     d = head_dim
 
-    def scan_work(self, q, k):  # the box bounds' matmul (the keys scanned are added after each call)
-        return 2.0 * (2 * d) * q.shape[0] * self.nlist
-
     def exact_work(self, q, k):
         return 2.0 * d * q.shape[0] * self.ntotal
 
@@ -126,21 +124,27 @@ def instrumented(timers: Timers, head_dim: int):
     patch(StreamingIndex, "_exact", "search.exact", exact_work)
     patch(StreamingIndex, "_build", "build", build_work)
     patch(StreamingIndex, "add_checked", "index.add")
-    patch(BoundedIVF, "search", "search.scan", scan_work)
+    # the "auto" index is searched one (row, head) at a time (BoundedIVF.search) or all heads of a row
+    # at once (indexes.batched); both rank lists by their bounds' matmul, then scan in C
+    patch(BoundedIVF, "search", "search.scan")
+    patch(batched, "_compiled_search", "search.scan")
     patch(BoundedIVF, "list_bounds", "search.rank")
-    timed_search = BoundedIVF.search
+    patch(BoundedIVF, "compiled_search_entry", "search.rank")
+    counted_search = BoundedIVF.searched
 
-    def search_counting(self, q, k):  # the keys each search really scanned: the scan's FLOP
-        before = dict(self.stats)
-        out = timed_search(self, q, k)
-        for key, value in self.stats.items():
-            timers.scan[key] += value - before[key]
-        timers.work["search.scan"] += 2.0 * d * (self.stats["keys_scanned"] - before["keys_scanned"])
-        return out
+    def searched_counting(self, queries, stats):  # what each search did: the bounds' and the scan's FLOP
+        counted_search(self, queries, stats)
+        timers.scan["queries"] += queries
+        timers.scan["lists_scanned"] += stats[0]
+        timers.scan["keys_scanned"] += stats[1]
+        timers.scan["capped"] += stats[2]
+        timers.work["search.scan"] += 2.0 * (2 * d) * queries * self.nlist + 2.0 * d * stats[1]
 
-    patches.append((BoundedIVF, "search", timed_search))
-    BoundedIVF.search = search_counting
+    patches.append((BoundedIVF, "searched", counted_search))
+    BoundedIVF.searched = searched_counting
     patch(BoundedIVF, "add", "index.bounded_add")
+    patch(batched, "_compiled_add", "index.bounded_add")
+    patch(StreamingIndex, "added_to", "index.add")
     patch(faiss_backend, "gather_values", "gather", gather_work)
     # the model calls memory_attention through the knn_memory package
     patches.append((knn_memory, "memory_attention", knn_memory.memory_attention))

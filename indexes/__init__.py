@@ -4,6 +4,7 @@ Knows nothing of attention, heads or models. Every public call validates its inp
 Faiss assertion aborts the process instead of raising.
 """
 
+from indexes.batched import add_many, search_many
 from indexes.chunked import ChunkedTensor
 from indexes.gpu import MAX_GPU_K, MAX_GPU_NPROBE, faiss_has_gpu, parse_device
 from indexes.growth import AUTO, GrowthPolicy
@@ -21,6 +22,7 @@ __all__ = [
     "IndexSpec",
     "KeyIndex",
     "StreamingIndex",
+    "add_many",
     "check_k",
     "check_key_index",
     "default_threads",
@@ -33,5 +35,6 @@ __all__ = [
     "parse_device",
     "parse_spec",
     "register_index",
+    "search_many",
     "set_faiss_threads",
 ]

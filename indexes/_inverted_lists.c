@@ -16,6 +16,8 @@
  * knn_assign() finds the nearest centroid of each new key (the list it goes to), knn_gather() copies
  * rows of chunked storage by id (the retrieved values of the memory, knn_memory/storage.py), and
  * knn_topk_rows() selects the k largest of each row of a score matrix (the exact search, indexes/select.py).
+ * knn_add_heads() and knn_search_heads() do the add (assignment included) and the search of every head
+ * of a batch row in one call (indexes/head_batch.py).
  *
  * The dot products use AVX-512 (F, BW, VL) or AVX2 + FMA + F16C when the CPU has them, chosen at
  * run time; plain C otherwise. Every path sums in float32. The caller validates every argument.
@@ -34,7 +36,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 4
+#define KNN_VERSION 5
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -1102,6 +1104,49 @@ int knn_assign(int64_t n, int64_t d, const float *x, int64_t lp, const float *ct
         for (int64_t kk = 0; kk < nk; kk++) out[k0 + kk] = got[kk];
     }
     free(xb);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ every head of a row at once */
+
+/* Add n keys to each of `heads` stores: keys [heads, n, dim] float32 and codes [heads, n, dim] of the
+ * stores' kind (the same keys). Row h of table [heads, 7] is (store, ct, half norms, lp, bounds, counts,
+ * first id) of head h, as knn_assign() and knn_store_add_boxed() take them; its keys get ids first id,
+ * first id + 1, ... Every store has the same dim and kind. Returns 0, or -1 out of memory (heads before
+ * the failing one hold their keys). */
+int knn_add_heads(int64_t heads, const int64_t *table, int64_t n, const float *keys, const void *codes) {
+    if (heads <= 0 || n <= 0) return 0;
+    const knn_store *first = (const knn_store *)(intptr_t)table[0];
+    const int64_t d = first->dim, code_bytes = n * d * elem_size(first->kind);
+    int64_t *lists = (int64_t *)malloc((size_t)n * sizeof(int64_t));
+    int64_t *ids = (int64_t *)malloc((size_t)n * sizeof(int64_t));
+    int rc = lists && ids ? 0 : -1;
+    for (int64_t h = 0; h < heads && !rc; h++) {
+        const int64_t *e = table + h * 7;
+        const float *x = keys + h * n * d;
+        rc = knn_assign(n, d, x, e[3], (const float *)(intptr_t)e[1], (const float *)(intptr_t)e[2], lists);
+        if (rc) break;
+        for (int64_t r = 0; r < n; r++) ids[r] = e[6] + r;
+        rc = knn_store_add_boxed((void *)(intptr_t)e[0], n, (const uint8_t *)codes + h * code_bytes, lists, ids,
+                                 x, (float *)(intptr_t)e[4], (int64_t *)(intptr_t)e[5]);
+    }
+    free(lists);
+    free(ids);
+    return rc;
+}
+
+/* knn_search() for each of `heads` stores: queries q [heads, m, dim], results out_s, out_i [heads, m, k]
+ * and stats [heads, 4]. Row h of table [heads, 4] is (store, bound [m, nlist of that store], cap,
+ * nprobe) of head h. Returns 0, or -1 out of memory. */
+int knn_search_heads(int64_t heads, const int64_t *table, int64_t m, const float *q, int64_t k, float *out_s,
+                     int64_t *out_i, int64_t *stats) {
+    for (int64_t h = 0; h < heads; h++) {
+        const int64_t *e = table + h * 4;
+        const knn_store *s = (const knn_store *)(intptr_t)e[0];
+        if (knn_search((void *)s, m, q + h * m * s->dim, k, (const float *)(intptr_t)e[1], e[2], e[3],
+                       out_s + h * m * k, out_i + h * m * k, stats + h * 4))
+            return -1;
+    }
     return 0;
 }
 

@@ -82,6 +82,12 @@ def train_centroids(sample: np.ndarray, lists: int, niter: int) -> torch.Tensor:
     return torch.from_numpy(faiss.vector_to_array(clustering.centroids).reshape(lists, dim).copy())
 
 
+def split_queries(q: torch.Tensor) -> torch.Tensor:
+    """Queries ``q`` [..., d] as ``[relu(q), min(q, 0)]`` [..., 2d]: their product with a list's
+    [maxima, minima] is the list's bound (see the module docstring)."""
+    return torch.cat([torch.clamp_min(q, 0), torch.clamp_max(q, 0)], dim=-1)
+
+
 def list_dtype(store_dtype: torch.dtype) -> torch.dtype:
     """The dtype the lists hold keys of a ``store_dtype`` memory in: that dtype, or float32."""
     return store_dtype if store_dtype in KINDS else torch.float32
@@ -190,9 +196,40 @@ class BoundedIVF:
         self.lists.add_boxed(codes, lists, ids, keys.contiguous(), self.bounds, self.counts)
         self._ntotal += n
 
+    def compiled_add_entry(self) -> list[int] | None:
+        """This index's row of the compiled add of several indexes at once (:mod:`indexes.batched`):
+        [store, centroids, half norms, padded list count, bounds, counts, next id], or None without
+        the compiled lists. The caller then calls :meth:`added`."""
+        handle, quantizer = self.lists.handle, self._quantizer.compiled_entry()
+        if handle is None or quantizer is None:
+            return None
+        return [handle, *quantizer, self.bounds.data_ptr(), self.counts.data_ptr(), self._ntotal]
+
+    def added(self, n: int) -> None:
+        """Account for ``n`` keys added through :meth:`compiled_add_entry`."""
+        self._ntotal += n
+
+    def compiled_search_entry(self, split: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """This index's row of the compiled search of several indexes at once, for queries given as
+        :func:`split_queries` ``split`` [m, 2d]: [store, bound, cap, nprobe], and the bound tensor [m, L]
+        the row points to (keep it alive). Only for compiled lists (:meth:`compiled_add_entry` is not
+        None); the caller then calls :meth:`searched`."""
+        first = min(self.nprobe, self.nlist)
+        cap = max(first, min(self.max_nprobe, self.nlist))
+        bound = split @ self.bounds.T
+        return [self.lists.handle, bound.data_ptr(), cap, first], bound
+
+    def searched(self, queries: int, stats: list[int]) -> None:
+        """Count a search of ``queries`` queries: ``stats`` (lists scanned, keys scanned, capped queries)."""
+        totals = self.stats
+        totals["queries"] += queries
+        totals["lists_scanned"] += stats[0]
+        totals["keys_scanned"] += stats[1]
+        totals["capped"] += stats[2]
+
     def list_bounds(self, q: torch.Tensor) -> torch.Tensor:
         """The bound of every list for each query ``q`` [m, d]: [m, L] (one matmul)."""
-        return torch.cat([torch.clamp_min(q, 0), torch.clamp_max(q, 0)], dim=1) @ self.bounds.T
+        return split_queries(q) @ self.bounds.T
 
     def rank_lists(self, q: torch.Tensor, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``nprobe`` lists of highest bound for each query ``q`` [m, d]: (bounds, lists) [m, nprobe]."""
@@ -208,12 +245,8 @@ class BoundedIVF:
         first = min(self.nprobe, self.nlist)
         cap = max(first, min(self.max_nprobe, self.nlist))
         bound = self.list_bounds(torch.from_numpy(q))
-        scores, ids, (scanned, keys, capped) = self.lists.search(q, k, bound, cap, first)
-        stats = self.stats
-        stats["queries"] += q.shape[0]
-        stats["lists_scanned"] += scanned
-        stats["keys_scanned"] += keys
-        stats["capped"] += capped
+        scores, ids, stats = self.lists.search(q, k, bound, cap, first)
+        self.searched(q.shape[0], list(stats))
         return scores, ids
 
     # ------------------------------------------------------------------ persistence

@@ -84,6 +84,11 @@ class InvertedLists:
         """True when the compiled library holds and scans the lists."""
         return isinstance(self._lists, _NativeLists)
 
+    @property
+    def handle(self) -> int | None:
+        """Address of the compiled store (for the calls that take several at once), or None."""
+        return self._lists._h.value if isinstance(self._lists, _NativeLists) else None
+
     def reserve(self, extra: torch.Tensor) -> None:
         """Room for ``extra[l]`` more keys in list l, exactly ([nlist] int64; before a bulk add)."""
         self._lists.reserve(extra.to(torch.int64).contiguous())

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-VERSION = 4  # knn_version() of the C file this module was written for
+VERSION = 5  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ _SIGNATURES = {
     "knn_gather": (None, [_I, _P, _P, _P, _I, _I, _P, _I, _P]),
     "knn_assign": (ctypes.c_int, [_I, _I, _P, _I, _P, _P, _P]),
     "knn_topk_rows": (ctypes.c_int, [_I, _I, _P, _I, _P, _P]),
+    "knn_add_heads": (ctypes.c_int, [_I, _P, _I, _P, _P]),
+    "knn_search_heads": (ctypes.c_int, [_I, _P, _I, _P, _I, _P, _P, _P]),
 }
 
 

@@ -394,6 +394,26 @@ class StreamingIndex:
         elif not self.spec.is_flat and self._ntotal >= max(self._first_build_at(), 1):
             self._build()
 
+    def compiled_ivf(self) -> BoundedIVF | None:
+        """The ``"auto"`` index past its exact phase, on the CPU with compiled lists (the keys only in its
+        lists), which :mod:`indexes.batched` adds to and searches together with others; else None."""
+        index = self._index
+        if (
+            isinstance(index, BoundedIVF)
+            and self._store is None
+            and self.device.type == "cpu"
+            and index.lists.is_native
+        ):
+            return index
+        return None
+
+    def added_to(self, index: BoundedIVF, n: int) -> None:
+        """Finish an add of ``n`` keys made straight into :meth:`compiled_ivf`: count them, rebuild if due."""
+        index.added(n)
+        self._ntotal += n
+        if self._rebuild_due():
+            self._build()
+
     def _first_build_at(self) -> int:
         if self.policy is not None:
             if self.device.type == "cuda":

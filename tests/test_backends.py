@@ -334,14 +334,17 @@ def test_thread_pool_search_equals_sequential():
 
 def test_default_fan_out_only_for_large_calls(monkeypatch):
     """Without ``workers``, a call fans out over (row, head) only with FAN_OUT_MIN queries or keys per
-    (row, head); smaller calls run in the calling thread. An explicit ``workers`` always applies."""
+    (row, head); smaller calls run in the calling thread, one call per row (``add_many`` /
+    ``search_many``: width 1 below). An explicit ``workers`` always applies."""
     import knn_memory.backends.faiss_index as fi
 
     widths = []
-    real = fi.fan_out
+    real, add_many, search_many = fi.fan_out, fi.add_many, fi.search_many
     monkeypatch.setattr(
         fi, "fan_out", lambda fn, items, workers: widths.append(workers) or real(fn, items, workers)
     )
+    monkeypatch.setattr(fi, "add_many", lambda *a: widths.append(1) or add_many(*a))
+    monkeypatch.setattr(fi, "search_many", lambda *a: widths.append(1) or search_many(*a))
     monkeypatch.setattr(fi.torch, "get_num_threads", lambda: 2)
     H, d, big = 2, 8, fi.FAN_OUT_MIN
     mem = create_backend("faiss", **geometry(1, H, d, "float32"), index="Flat", top_k=3)

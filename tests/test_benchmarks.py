@@ -337,3 +337,24 @@ def test_sharded_benchmark_synthetic_fill(tmp_path):
     assert two["sent_bytes_per_query_head"] == two["formula_bytes_per_query_head"] == 4 + 4 * 33
     assert "synthetic:attention" in (tmp_path / "summary.md").read_text()
     assert sharded.main(["--fill", "random", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("one_call_per_row", [True, False])
+def test_phase_profile_accounts_for_every_search_path(monkeypatch, one_call_per_row):
+    """The phase profile of a short prompt past the "auto" index's exact phase: the phases add up to the
+    wall time, and the list scan is timed and counted whether a row's heads go to C in one call
+    (``indexes.batched``) or one call each."""
+    from benchmarks import phases
+    from indexes import batched
+
+    monkeypatch.setattr(phases, "matmul_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(phases, "read_bandwidth_gbs", lambda *a, **k: 10.0)
+    if not one_call_per_row:  # one C call per (row, head), as for indexes that cannot go together
+        monkeypatch.setattr(batched, "_compiled", lambda indexes: None)
+    result = phases.run(2048, "faiss:auto:exact_until=256", 8, None, 1, 0, 2)
+    seconds = {row["phase"]: row["seconds"] for row in result["phases"]}
+    assert sum(seconds.values()) == pytest.approx(result["prefill_seconds"], rel=1e-6)
+    assert seconds["search: list scan"] > 0 and seconds["search: list ranking"] > 0
+    assert result["calls"]["search.scan"] > 0 and result["calls"]["index.bounded_add"] > 0
+    assert result["scan"]["queries"] > 0 and result["scan"]["keys_scanned"] > 0
+    assert result["lists_per_head"] > 0

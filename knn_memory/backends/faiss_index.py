@@ -22,12 +22,14 @@ from indexes import (
     GrowthPolicy,
     KeyIndex,
     StreamingIndex,
+    add_many,
     check_key_index,
     fan_out,
     index_class,
     index_kind,
     parse_device,
     parse_spec,
+    search_many,
 )
 from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
@@ -267,7 +269,7 @@ class FaissBackend(MemoryBackend):
         # Round to the storage dtype first, so that every backend indexes the very same keys.
         keys = keys.detach().to(self.mem_dtype).to(torch.float32)
         values = values.detach()
-        jobs = []
+        rows = []  # (the row's indexes, its keys [H, n, d])
         for b in range(self.batch_size):
             kb, vb = keys[b], values[b]  # [H, n, d]
             if mask is not None and not bool(mask[b].all()):
@@ -276,21 +278,35 @@ class FaissBackend(MemoryBackend):
             if kb.shape[1] == 0:
                 continue
             self._values[b].append(vb)
-            jobs.extend((self._rows[b][h], kb[h].contiguous()) for h in range(self.num_heads))
-        fan_out(lambda job: job[0].add_checked(job[1]), jobs, self._workers(keys.shape[2]))
+            rows.append((self._rows[b], kb.contiguous()))
+        workers = self._workers(keys.shape[2])
+        if workers <= 1:  # one call per row: compiled indexes take all their heads at once
+            for indexes, kb in rows:
+                add_many(indexes, kb)
+        else:
+            jobs = [(ix, kb[h]) for indexes, kb in rows for h, ix in enumerate(indexes)]
+            fan_out(lambda job: job[0].add_checked(job[1]), jobs, workers)
 
     def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None) -> MemoryHits:
         k, heads = self._check_search(queries, k, heads)
         B, h, q, _ = queries.shape
         q32 = queries.detach().to(torch.float32)
-        pairs = [(b, j) for b in range(B) for j in range(h)]
-        results = fan_out(
-            lambda p: self._rows[p[0]][heads.start + p[1]].search_checked(q32[p[0], p[1]].contiguous(), k),
-            pairs,
-            self._workers(q),
-        )
-        scores = torch.stack([s for s, _ in results]).reshape(B, h, q, k)
-        ids = torch.stack([i for _, i in results]).reshape(B, h, q, k)
+        workers = self._workers(q)
+        if workers <= 1:  # one call per row: compiled indexes search all their heads at once
+            found = [search_many(self._rows[b][heads], q32[b].contiguous(), k) for b in range(B)]
+            scores = torch.stack([s for s, _ in found])  # [B, h, q, k]
+            ids = torch.stack([i for _, i in found])
+        else:
+            pairs = [(b, j) for b in range(B) for j in range(h)]
+            results = fan_out(
+                lambda p: self._rows[p[0]][heads.start + p[1]].search_checked(
+                    q32[p[0], p[1]].contiguous(), k
+                ),
+                pairs,
+                workers,
+            )
+            scores = torch.stack([s for s, _ in results]).reshape(B, h, q, k)
+            ids = torch.stack([i for _, i in results]).reshape(B, h, q, k)
         value_ids = ids.to(self.value_device)
         values = torch.stack(
             [

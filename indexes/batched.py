@@ -1,0 +1,112 @@
+"""Several indexes of one memory added to, or searched, in one compiled call.
+
+A memory backend holds one index per (row, head) and, for every window, adds the window's keys to each
+index of a row and searches each with the window's queries. For the ``"auto"`` index past its exact
+phase each of those calls is small (64 keys or queries of head_dim 32: tens of microseconds of C work)
+and used to cost as much again in Python around it (checks, tensor wrappers, ctypes), once per index.
+:func:`add_many` and :func:`search_many` make one C call for all the indexes given instead, when every
+one of them is such an index (:meth:`indexes.streaming.StreamingIndex.compiled_ivf`); otherwise they
+call each index in turn. Both ways run the same C functions on the same data in the same order, so the
+results are the same bit for bit (``tests/test_batched_indexes.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from indexes import native
+from indexes.bounded_ivf import BoundedIVF, split_queries
+from indexes.protocol import KeyIndex
+from indexes.streaming import StreamingIndex
+
+
+def _compiled(indexes: Sequence[KeyIndex]) -> list[BoundedIVF] | None:
+    """The compiled ``"auto"`` index of each of ``indexes``, or None unless every one has one."""
+    out = []
+    for ix in indexes:
+        ivf = ix.compiled_ivf() if isinstance(ix, StreamingIndex) else None
+        if ivf is None:
+            return None
+        out.append(ivf)
+    return out
+
+
+def add_many(indexes: Sequence[KeyIndex], keys: torch.Tensor) -> None:
+    """Add ``keys[i]`` to ``indexes[i]`` for every i.
+
+    Args:
+        indexes: the indexes (any :class:`indexes.KeyIndex`).
+        keys: [len(indexes), n, d] float32, finite, contiguous, on the indexes' device (validated by
+            the caller, as :meth:`KeyIndex.add_checked` takes them).
+    """
+    ivfs = _compiled(indexes) if len(indexes) > 1 and keys.shape[1] else None
+    if ivfs is None or len({ivf.lists.dtype for ivf in ivfs}) != 1:
+        for ix, x in zip(indexes, keys, strict=True):
+            ix.add_checked(x)
+        return
+    table = np.array([ivf.compiled_add_entry() for ivf in ivfs], dtype=np.int64)  # [I, 7]
+    codes = keys.to(ivfs[0].lists.dtype)  # [I, n, d]
+    n = keys.shape[1]
+    _compiled_add(table, keys, codes)
+    for ix, ivf in zip(indexes, ivfs, strict=True):
+        ix.added_to(ivf, n)
+
+
+def search_many(
+    indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Search ``indexes[i]`` with ``queries[i]`` for every i.
+
+    Args:
+        indexes: the indexes (any :class:`indexes.KeyIndex`).
+        queries: [len(indexes), m, d] float32, finite, contiguous, on the indexes' device (validated).
+        k: neighbours per query, >= 1 (validated).
+
+    Returns:
+        scores [len(indexes), m, k] float32 and ids [len(indexes), m, k] int64, as each index's
+        :meth:`KeyIndex.search_checked` gives them.
+    """
+    ivfs = _compiled(indexes) if len(indexes) > 1 and queries.shape[1] else None
+    if ivfs is None or any(ivf.ntotal == 0 for ivf in ivfs):
+        results = [ix.search_checked(q, k) for ix, q in zip(indexes, queries, strict=True)]
+        return torch.stack([s for s, _ in results]), torch.stack([i for _, i in results])
+    m = queries.shape[1]
+    split = split_queries(queries)  # [I, m, 2d]
+    entries = [ivf.compiled_search_entry(sq) for ivf, sq in zip(ivfs, split, strict=True)]
+    table = np.array([row for row, _ in entries], dtype=np.int64)  # [I, 4]
+    scores = torch.empty(len(ivfs), m, k, dtype=torch.float32)
+    ids = torch.empty(len(ivfs), m, k, dtype=torch.int64)
+    stats = np.zeros((len(ivfs), 4), dtype=np.int64)
+    _compiled_search(table, queries, scores, ids, stats)
+    for ivf, row in zip(ivfs, stats.tolist(), strict=True):
+        ivf.searched(m, row)
+    return scores, ids
+
+
+def _compiled_add(table: np.ndarray, keys: torch.Tensor, codes: torch.Tensor) -> None:
+    """The C add: ``keys`` [I, n, d] float32 and their ``codes`` into the I indexes of ``table`` [I, 7]."""
+    heads, n = keys.shape[0], keys.shape[1]
+    if native.library().knn_add_heads(heads, table.ctypes.data, n, keys.data_ptr(), codes.data_ptr()):
+        raise MemoryError(f"out of memory adding {n} keys to each of {heads} indexes")
+
+
+def _compiled_search(
+    table: np.ndarray, queries: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, stats: np.ndarray
+) -> None:
+    """The C search: ``queries`` [I, m, d] in the I indexes of ``table`` [I, 4], into ``scores`` and ``ids``
+    [I, m, k] and ``stats`` [I, 4]."""
+    heads, m, k = scores.shape
+    if native.library().knn_search_heads(
+        heads,
+        table.ctypes.data,
+        m,
+        queries.data_ptr(),
+        k,
+        scores.data_ptr(),
+        ids.data_ptr(),
+        stats.ctypes.data,
+    ):
+        raise MemoryError(f"out of memory searching {heads} indexes")

@@ -1,0 +1,133 @@
+"""Several indexes added to and searched in one compiled call (`indexes.batched`): the same as one call
+per index, bit for bit, through the exact phase, builds and rebuilds; and the backend that uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from indexes import GrowthPolicy, StreamingIndex, add_many, native, search_many
+from knn_memory import create_backend
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the compiled inverted lists are not built")
+
+D = 8
+POLICY = GrowthPolicy(exact_until=48, lists_per_sqrt=1.0, regrow_factor=2.0, min_lists=2, max_nprobe=3)
+
+
+def keys_like(heads: int, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """[heads, n, D] float32 clustered keys, exact in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(heads, 6, D, generator=g) * 3
+    pick = torch.randint(0, 6, (heads, n), generator=g)
+    x = torch.gather(centers, 1, pick[..., None].expand(-1, -1, D)) + torch.randn(heads, n, D, generator=g)
+    return x.to(dtype).to(torch.float32).contiguous()
+
+
+def new_indexes(heads: int, dtype: torch.dtype) -> list[StreamingIndex]:
+    return [StreamingIndex(D, "auto", store_dtype=dtype, policy=POLICY, seed=h) for h in range(heads)]
+
+
+def assert_same_state(a: list[StreamingIndex], b: list[StreamingIndex]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert (x.ntotal, x.trained_at, x.trainings, x.uses_index, x.nlist) == (
+            y.ntotal,
+            y.trained_at,
+            y.trainings,
+            y.uses_index,
+            y.nlist,
+        )
+        assert torch.equal(x.keys(), y.keys())
+        assert x.nbytes == y.nbytes
+        if x.compiled_ivf() is not None:
+            ix, iy = x.compiled_ivf(), y.compiled_ivf()
+            assert ix.stats == iy.stats
+            assert torch.equal(ix.bounds, iy.bounds) and torch.equal(ix.counts, iy.counts)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    heads=st.integers(2, 4),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    queries=st.integers(1, 9),
+    k=st.sampled_from([1, 5, 64]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    seed=st.integers(0, 10**6),
+)
+def test_one_call_equals_one_call_per_index(heads, sizes, queries, k, dtype, seed):
+    batched, single = new_indexes(heads, dtype), new_indexes(heads, dtype)
+    for step, n in enumerate(sizes):
+        x = keys_like(heads, n, seed + step, dtype)
+        add_many(batched, x)
+        for ix, xh in zip(single, x, strict=True):
+            ix.add_checked(xh.contiguous())
+        q = keys_like(heads, queries, seed + 1000 + step, torch.float32)
+        got_s, got_i = search_many(batched, q, k)
+        want = [ix.search_checked(qh.contiguous(), k) for ix, qh in zip(single, q, strict=True)]
+        assert torch.equal(got_s, torch.stack([s for s, _ in want]))
+        assert torch.equal(got_i, torch.stack([i for _, i in want]))
+        assert_same_state(batched, single)
+    # the schedule was exercised: past the exact phase the compiled path ran
+    if sum(sizes) >= 2 * POLICY.exact_until:
+        assert all(ix.compiled_ivf() is not None for ix in batched)
+
+
+def test_the_compiled_path_is_taken_and_counts():
+    heads = 3
+    indexes = new_indexes(heads, torch.bfloat16)
+    add_many(indexes, keys_like(heads, 200, 0, torch.bfloat16))
+    ivfs = [ix.compiled_ivf() for ix in indexes]
+    assert all(ivf is not None for ivf in ivfs)
+    before = [ivf.ntotal for ivf in ivfs]
+    add_many(indexes, keys_like(heads, 10, 1, torch.bfloat16))  # no rebuild due at 210 (next at 400)
+    assert [ix.compiled_ivf() for ix in indexes] == ivfs  # the same index objects, added to
+    assert [ivf.ntotal for ivf in ivfs] == [b + 10 for b in before] and all(
+        ix.ntotal == 210 for ix in indexes
+    )
+    assert [int(ivf.counts.sum()) for ivf in ivfs] == [210] * heads
+    search_many(indexes, keys_like(heads, 7, 2, torch.float32), 4)
+    assert all(ivf.stats["queries"] == 7 and ivf.stats["lists_scanned"] >= 7 for ivf in ivfs)
+    add_many(indexes, keys_like(heads, 190, 3, torch.bfloat16))  # 400 keys: the rebuild is due
+    assert all(
+        ix.trained_at == 400 and ix.compiled_ivf() is not ivf for ix, ivf in zip(indexes, ivfs, strict=True)
+    )
+
+
+def test_mixed_indexes_fall_back_to_one_call_each():
+    flat = StreamingIndex(D, "Flat")
+    auto = new_indexes(1, torch.float32)[0]
+    twin_flat, twin_auto = StreamingIndex(D, "Flat"), new_indexes(1, torch.float32)[0]
+    x = keys_like(2, 120, 5, torch.float32)
+    add_many([flat, auto], x)
+    twin_flat.add_checked(x[0].contiguous())
+    twin_auto.add_checked(x[1].contiguous())
+    q = keys_like(2, 5, 6, torch.float32)
+    s, i = search_many([flat, auto], q, 8)
+    for row, ix in enumerate((twin_flat, twin_auto)):
+        ws, wi = ix.search_checked(q[row].contiguous(), 8)
+        assert torch.equal(s[row], ws) and torch.equal(i[row], wi)
+
+
+@pytest.mark.parametrize("mask_rows", [False, True])
+def test_backend_batched_rows_equal_the_per_head_fan_out(mask_rows):
+    """workers=1 takes one call per row; workers=2 one call per (row, head) on a pool: same hits."""
+    opts = dict(num_heads=3, head_dim=D, batch_size=2, index="auto", top_k=6, exact_until=64, min_lists=2)
+    one, pool = create_backend("faiss", workers=1, **opts), create_backend("faiss", workers=2, **opts)
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        keys = torch.randn(2, 3, 32, D, generator=g)
+        values = torch.randn(2, 3, 32, D, generator=g)
+        mask = None
+        if mask_rows:
+            mask = torch.ones(2, 32, dtype=torch.bool)
+            mask[1, : step + 1] = False  # left padding of different lengths in row 1
+        one.add(keys, values, mask)
+        pool.add(keys, values, mask)
+        q = torch.randn(2, 3, 5, D, generator=g)
+        a, b = one.search(q), pool.search(q)
+        assert (
+            torch.equal(a.scores, b.scores) and torch.equal(a.ids, b.ids) and torch.equal(a.values, b.values)
+        )
+    assert one.head_index(0, 0).compiled_ivf() is not None  # the compiled path was reached
