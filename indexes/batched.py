@@ -6,12 +6,15 @@ phase each of those calls is small (64 keys or queries of head_dim 32: tens of m
 and used to cost as much again in Python around it (checks, tensor wrappers, ctypes), once per index.
 :func:`add_many` and :func:`search_many` make one C call for all the indexes given instead, when every
 one of them is such an index (:meth:`indexes.streaming.StreamingIndex.compiled_ivf`); otherwise they
-call each index in turn. Both ways run the same C functions on the same data in the same order, so the
-results are the same bit for bit (``tests/test_batched_indexes.py``).
+call each index in turn. Searches of indexes that are still exact (``"Flat"``, ``"auto"`` below its
+first build) over one block of keys each take one selection for all of them (:func:`_exact_many`).
+Both ways run the same kernels on the same data in the same order, so the results are the same bit for
+bit (``tests/test_batched_indexes.py``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,7 +23,8 @@ import torch
 from indexes import native
 from indexes.bounded_ivf import BoundedIVF, split_queries
 from indexes.protocol import KeyIndex
-from indexes.streaming import StreamingIndex
+from indexes.select import top_k
+from indexes.streaming import SELECT_SCORES, StreamingIndex, score_buffer
 
 
 def _compiled(indexes: Sequence[KeyIndex]) -> list[BoundedIVF] | None:
@@ -71,6 +75,9 @@ def search_many(
     """
     ivfs = _compiled(indexes) if len(indexes) > 1 and queries.shape[1] else None
     if ivfs is None or any(ivf.ntotal == 0 for ivf in ivfs):
+        found = _exact_many(indexes, queries, k) if len(indexes) > 1 and queries.shape[1] else None
+        if found is not None:
+            return found
         results = [ix.search_checked(q, k) for ix, q in zip(indexes, queries, strict=True)]
         return torch.stack([s for s, _ in results]), torch.stack([i for _, i in results])
     m = queries.shape[1]
@@ -110,3 +117,32 @@ def _compiled_search(
         stats.ctypes.data,
     ):
         raise MemoryError(f"out of memory searching {heads} indexes")
+
+
+def _exact_many(
+    indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The exact search of indexes that hold the same number of keys in one block each
+    (:meth:`StreamingIndex.exact_keys`): one matmul per index into one score buffer [I, m, n], then one
+    selection over all its rows (the compiled one: row by row, as each index's own). None where they
+    do not qualify, or the scores of all of them would not fit one buffer of ``SELECT_SCORES``."""
+    if native.library() is None:
+        return None
+    views = [ix.exact_keys() if isinstance(ix, StreamingIndex) else None for ix in indexes]
+    first = views[0]
+    if first is None or any(v is None or v.shape != first.shape or v.dtype != first.dtype for v in views):
+        return None
+    heads, m, _ = queries.shape
+    n = first.shape[0]
+    if heads * m * n > SELECT_SCORES:
+        return None
+    keys = torch.stack(views).to(torch.float32)  # [I, n, d]
+    scores = score_buffer(heads * m * n).view(heads, m, n)
+    for i in range(heads):
+        torch.matmul(queries[i], keys[i].T, out=scores[i])
+    values, positions = top_k(scores.view(heads * m, n), k)
+    if values.shape[1] < k:  # fewer keys than k: empty slots
+        pad = k - values.shape[1]
+        values = torch.nn.functional.pad(values, (0, pad), value=-math.inf)
+        positions = torch.nn.functional.pad(positions, (0, pad), value=-1)
+    return values.view(heads, m, k), positions.view(heads, m, k)

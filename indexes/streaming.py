@@ -71,17 +71,23 @@ SELECT_SCORES = 1 << 21
 _scores = threading.local()
 
 
+def score_buffer(need: int) -> torch.Tensor:
+    """This thread's reused CPU float32 buffer of at least ``need`` entries ([need]; valid until the
+    thread's next call)."""
+    buf = getattr(_scores, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(max(need, SELECT_SCORES), dtype=torch.float32)
+        _scores.buf = buf
+    return buf[:need]
+
+
 def _score_matrix(q: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """``q @ block.T`` [m, n] float32; on the CPU into this thread's reused buffer (valid until the
     thread's next call)."""
     if q.device.type != "cpu":
         return q @ block.T
-    need = q.shape[0] * block.shape[0]
-    buf = getattr(_scores, "buf", None)
-    if buf is None or buf.numel() < need:
-        buf = torch.empty(max(need, SELECT_SCORES), dtype=torch.float32)
-        _scores.buf = buf
-    return torch.matmul(q, block.T, out=buf[:need].view(q.shape[0], block.shape[0]))
+    out = score_buffer(q.shape[0] * block.shape[0]).view(q.shape[0], block.shape[0])
+    return torch.matmul(q, block.T, out=out)
 
 
 # faiss.knn takes its BLAS path (blocked sgemm, then a heap) only for at least this many queries, else a
@@ -406,6 +412,17 @@ class StreamingIndex:
         ):
             return index
         return None
+
+    def exact_keys(self) -> torch.Tensor | None:
+        """The stored keys [n, d] (``store_dtype``, a view) while the search is exact over one block
+        of them on the CPU (one store chunk of 1..``EXACT_BLOCK`` keys), which :mod:`indexes.batched`
+        searches together with others; else None."""
+        if self._index is not None or self._store is None or self.device.type != "cpu":
+            return None
+        views = self._store.views()
+        if len(views) != 1 or views[0].shape[0] > EXACT_BLOCK:
+            return None
+        return views[0]
 
     def added_to(self, index: BoundedIVF, n: int) -> None:
         """Finish an add of ``n`` keys made straight into :meth:`compiled_ivf`: count them, rebuild if due."""

@@ -26,7 +26,9 @@ def keys_like(heads: int, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor
     return x.to(dtype).to(torch.float32).contiguous()
 
 
-def new_indexes(heads: int, dtype: torch.dtype) -> list[StreamingIndex]:
+def new_indexes(heads: int, dtype: torch.dtype, spec: str = "auto") -> list[StreamingIndex]:
+    if spec == "Flat":
+        return [StreamingIndex(D, "Flat", store_dtype=dtype) for _ in range(heads)]
     return [StreamingIndex(D, "auto", store_dtype=dtype, policy=POLICY, seed=h) for h in range(heads)]
 
 
@@ -54,10 +56,11 @@ def assert_same_state(a: list[StreamingIndex], b: list[StreamingIndex]) -> None:
     queries=st.integers(1, 9),
     k=st.sampled_from([1, 5, 64]),
     dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    spec=st.sampled_from(["auto", "Flat"]),
     seed=st.integers(0, 10**6),
 )
-def test_one_call_equals_one_call_per_index(heads, sizes, queries, k, dtype, seed):
-    batched, single = new_indexes(heads, dtype), new_indexes(heads, dtype)
+def test_one_call_equals_one_call_per_index(heads, sizes, queries, k, dtype, spec, seed):
+    batched, single = new_indexes(heads, dtype, spec), new_indexes(heads, dtype, spec)
     for step, n in enumerate(sizes):
         x = keys_like(heads, n, seed + step, dtype)
         add_many(batched, x)
@@ -70,7 +73,7 @@ def test_one_call_equals_one_call_per_index(heads, sizes, queries, k, dtype, see
         assert torch.equal(got_i, torch.stack([i for _, i in want]))
         assert_same_state(batched, single)
     # the schedule was exercised: past the exact phase the compiled path ran
-    if sum(sizes) >= 2 * POLICY.exact_until:
+    if spec == "auto" and sum(sizes) >= 2 * POLICY.exact_until:
         assert all(ix.compiled_ivf() is not None for ix in batched)
 
 
@@ -93,6 +96,28 @@ def test_the_compiled_path_is_taken_and_counts():
     assert all(
         ix.trained_at == 400 and ix.compiled_ivf() is not ivf for ix, ivf in zip(indexes, ivfs, strict=True)
     )
+
+
+def test_exact_indexes_are_searched_in_one_selection(monkeypatch):
+    """Exact stores of equal size go through one score buffer and one selection, not index by index;
+    more keys than one block's worth of scores, or unequal sizes, go index by index."""
+    heads = 3
+    indexes = new_indexes(heads, torch.bfloat16, "Flat")
+    add_many(indexes, keys_like(heads, 100, 0, torch.bfloat16))
+    q = keys_like(heads, 6, 1, torch.float32)
+    want = [ix.search_checked(q[h].contiguous(), 200) for h, ix in enumerate(indexes)]
+    calls = []
+    real = StreamingIndex.search_checked
+    monkeypatch.setattr(StreamingIndex, "search_checked", lambda *a: calls.append(1) or real(*a))
+    s, i = search_many(indexes, q, 200)  # k beyond the 100 keys: padded as each index pads
+    assert not calls
+    assert torch.equal(s, torch.stack([w[0] for w in want])) and torch.equal(
+        i, torch.stack([w[1] for w in want])
+    )
+    assert bool((i[..., 100:] == -1).all()) and bool(torch.isinf(s[..., 100:]).all())
+    indexes[0].add_checked(keys_like(1, 1, 2, torch.bfloat16)[0])  # 101 keys against 100: one by one
+    search_many(indexes, q, 4)
+    assert len(calls) == heads
 
 
 def test_mixed_indexes_fall_back_to_one_call_each():
