@@ -122,6 +122,16 @@ def instrumented(timers: Timers, head_dim: int):
     patch(FaissBackend, "search", "backend.search")
     patch(FaissBackend, "add", "backend.add", add_work)
     patch(StreamingIndex, "_exact", "search.exact", exact_work)
+    timed_exact_many = timers.wrap("search.exact", batched._exact_many)
+
+    def exact_many_counting(indexes, queries, k):  # the exact search of all heads of a row at once
+        out = timed_exact_many(indexes, queries, k)
+        if out is not None:
+            timers.work["search.exact"] += 2.0 * d * queries.shape[0] * queries.shape[1] * indexes[0].ntotal
+        return out
+
+    patches.append((batched, "_exact_many", batched._exact_many))
+    batched._exact_many = exact_many_counting
     patch(StreamingIndex, "_build", "build", build_work)
     patch(StreamingIndex, "add_checked", "index.add")
     # the "auto" index is searched one (row, head) at a time (BoundedIVF.search) or all heads of a row
