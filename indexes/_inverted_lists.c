@@ -17,7 +17,7 @@
  * rows of chunked storage by id (the retrieved values of the memory, knn_memory/storage.py), and
  * knn_topk_rows() selects the k largest of each row of a score matrix (the exact search, indexes/select.py).
  * knn_add_heads() and knn_search_heads() do the add (assignment included) and the search of every head
- * of a batch row in one call (indexes/head_batch.py).
+ * of a batch row in one call (indexes/batched.py).
  *
  * The dot products use AVX-512 (F, BW, VL) or AVX2 + FMA + F16C when the CPU has them, chosen at
  * run time; plain C otherwise. Every path sums in float32. The caller validates every argument.

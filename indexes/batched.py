@@ -14,7 +14,6 @@ bit (``tests/test_batched_indexes.py``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,7 +23,7 @@ from indexes import native
 from indexes.bounded_ivf import BoundedIVF, split_queries
 from indexes.protocol import KeyIndex
 from indexes.select import top_k
-from indexes.streaming import SELECT_SCORES, StreamingIndex, score_buffer
+from indexes.streaming import SELECT_SCORES, StreamingIndex, pad_to_k, score_buffer
 
 
 def _compiled(indexes: Sequence[KeyIndex]) -> list[BoundedIVF] | None:
@@ -73,9 +72,10 @@ def search_many(
         scores [len(indexes), m, k] float32 and ids [len(indexes), m, k] int64, as each index's
         :meth:`KeyIndex.search_checked` gives them.
     """
-    ivfs = _compiled(indexes) if len(indexes) > 1 and queries.shape[1] else None
+    together = len(indexes) > 1 and queries.shape[1] > 0
+    ivfs = _compiled(indexes) if together else None
     if ivfs is None or any(ivf.ntotal == 0 for ivf in ivfs):
-        found = _exact_many(indexes, queries, k) if len(indexes) > 1 and queries.shape[1] else None
+        found = _exact_many(indexes, queries, k) if together else None
         if found is not None:
             return found
         results = [ix.search_checked(q, k) for ix, q in zip(indexes, queries, strict=True)]
@@ -140,9 +140,5 @@ def _exact_many(
     scores = score_buffer(heads * m * n).view(heads, m, n)
     for i in range(heads):
         torch.matmul(queries[i], keys[i].T, out=scores[i])
-    values, positions = top_k(scores.view(heads * m, n), k)
-    if values.shape[1] < k:  # fewer keys than k: empty slots
-        pad = k - values.shape[1]
-        values = torch.nn.functional.pad(values, (0, pad), value=-math.inf)
-        positions = torch.nn.functional.pad(positions, (0, pad), value=-1)
+    values, positions = pad_to_k(*top_k(scores.view(heads * m, n), k), k)  # fewer keys than k: empty slots
     return values.view(heads, m, k), positions.view(heads, m, k)

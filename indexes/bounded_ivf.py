@@ -196,14 +196,12 @@ class BoundedIVF:
         self.lists.add_boxed(codes, lists, ids, keys.contiguous(), self.bounds, self.counts)
         self._ntotal += n
 
-    def compiled_add_entry(self) -> list[int] | None:
+    def compiled_add_entry(self) -> list[int]:
         """This index's row of the compiled add of several indexes at once (:mod:`indexes.batched`):
-        [store, centroids, half norms, padded list count, bounds, counts, next id], or None without
-        the compiled lists. The caller then calls :meth:`added`."""
-        handle, quantizer = self.lists.handle, self._quantizer.compiled_entry()
-        if handle is None or quantizer is None:
-            return None
-        return [handle, *quantizer, self.bounds.data_ptr(), self.counts.data_ptr(), self._ntotal]
+        [store, centroids, half norms, padded list count, bounds, counts, next id]. Only for compiled
+        lists; the caller then calls :meth:`added`."""
+        quantizer = self._quantizer.compiled_entry()
+        return [self.lists.handle, *quantizer, self.bounds.data_ptr(), self.counts.data_ptr(), self._ntotal]
 
     def added(self, n: int) -> None:
         """Account for ``n`` keys added through :meth:`compiled_add_entry`."""
@@ -212,12 +210,15 @@ class BoundedIVF:
     def compiled_search_entry(self, split: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         """This index's row of the compiled search of several indexes at once, for queries given as
         :func:`split_queries` ``split`` [m, 2d]: [store, bound, cap, nprobe], and the bound tensor [m, L]
-        the row points to (keep it alive). Only for compiled lists (:meth:`compiled_add_entry` is not
-        None); the caller then calls :meth:`searched`."""
-        first = min(self.nprobe, self.nlist)
-        cap = max(first, min(self.max_nprobe, self.nlist))
+        the row points to (keep it alive). Only for compiled lists; the caller then calls :meth:`searched`."""
+        first, cap = self._probes()
         bound = split @ self.bounds.T
         return [self.lists.handle, bound.data_ptr(), cap, first], bound
+
+    def _probes(self) -> tuple[int, int]:
+        """(lists every query scans, lists a query may scan), both within the list count."""
+        first = min(self.nprobe, self.nlist)
+        return first, max(first, min(self.max_nprobe, self.nlist))
 
     def searched(self, queries: int, stats: list[int]) -> None:
         """Count a search of ``queries`` queries: ``stats`` (lists scanned, keys scanned, capped queries)."""
@@ -242,8 +243,7 @@ class BoundedIVF:
         below the bound of its next list is done: no key left can beat it, so its top-k is exact. The
         others go on to their next list, up to :attr:`max_nprobe` lists.
         """
-        first = min(self.nprobe, self.nlist)
-        cap = max(first, min(self.max_nprobe, self.nlist))
+        first, cap = self._probes()
         bound = self.list_bounds(torch.from_numpy(q))
         scores, ids, stats = self.lists.search(q, k, bound, cap, first)
         self.searched(q.shape[0], list(stats))

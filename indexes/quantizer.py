@@ -48,11 +48,8 @@ class Quantizer:
         """The transposed centroids and their half norms, padding included."""
         return int((self._ct.numel() + self._hn.numel()) * 4)
 
-    def compiled_entry(self) -> tuple[int, int, int] | None:
-        """(transposed centroids, half norms, padded list count) as the compiled assignment takes them,
-        or None without the compiled kernel."""
-        if self._lib is None:
-            return None
+    def compiled_entry(self) -> tuple[int, int, int]:
+        """(transposed centroids, half norms, padded list count) as the compiled assignment takes them."""
         return self._ct.data_ptr(), self._hn.data_ptr(), self._ct.shape[1]
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,15 @@ def score_buffer(need: int) -> torch.Tensor:
     return buf[:need]
 
 
+def pad_to_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k results [m, <= k] padded to [m, k] with empty slots (``-inf`` scores, ``-1`` ids)."""
+    if scores.shape[1] < k:
+        pad = k - scores.shape[1]
+        scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf)
+        ids = torch.nn.functional.pad(ids, (0, pad), value=-1)
+    return scores, ids
+
+
 def _score_matrix(q: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """``q @ block.T`` [m, n] float32; on the CPU into this thread's reused buffer (valid until the
     thread's next call)."""
@@ -620,11 +629,7 @@ class StreamingIndex:
         if len(parts_s) > 1:
             scores, pos = top_k(scores, k)
             ids = torch.gather(ids, 1, pos)
-        if scores.shape[1] < k:
-            pad = k - scores.shape[1]
-            scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf)
-            ids = torch.nn.functional.pad(ids, (0, pad), value=-1)
-        return scores, ids
+        return pad_to_k(scores, ids, k)
 
     # ------------------------------------------------------------------ copies and persistence
     def clone(self) -> StreamingIndex:
