@@ -138,7 +138,7 @@ def _exact_many(
         return None
     keys = torch.stack(views).to(torch.float32)  # [I, n, d]
     scores = score_buffer(heads * m * n).view(heads, m, n)
-    for i in range(heads):
+    for i in range(heads):  # as each index's own search (a batched matmul rounds differently)
         torch.matmul(queries[i], keys[i].T, out=scores[i])
     values, positions = pad_to_k(*top_k(scores.view(heads * m, n), k), k)  # fewer keys than k: empty slots
     return values.view(heads, m, k), positions.view(heads, m, k)

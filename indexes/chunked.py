@@ -85,12 +85,12 @@ class ChunkedTensor:
         n = x.shape[-2]
         if n == 0:
             return
-        x = x.to(self.dtype)
         if x.requires_grad and torch.is_grad_enabled():
-            self.chunks.append(x)
+            self.chunks.append(x.to(self.dtype))
             self.fills.append(n)
             self._length += n
             return
+        # copy_ casts to the storage dtype as it copies (as .to() would round, with no temporary)
         pos = 0
         while pos < n:
             if (

@@ -52,7 +52,15 @@ from indexes.spec import (
     check_search_params,
     parse_spec,
 )
-from indexes.validate import INT64_MAX, MAX_DIM, MAX_K, check_float, check_int, check_optional_int
+from indexes.validate import (
+    INT64_MAX,
+    MAX_DIM,
+    MAX_K,
+    check_finite,
+    check_float,
+    check_int,
+    check_optional_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +126,7 @@ def _as_keys(x: object, dim: int, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape [n, {dim}], got {list(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+    check_finite(x, name)
     return x.detach().to(torch.float32).contiguous()
 
 

@@ -109,7 +109,21 @@ def check_tensor_fits(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
     )
 
 
-def check_finite(t: torch.Tensor, name: str) -> None:
-    """``ValueError`` naming ``name`` if tensor ``t`` holds NaN or inf."""
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+def all_finite(t: torch.Tensor) -> bool:
+    """True when tensor ``t`` holds no NaN or inf.
+
+    For float32 and 16-bit floats this is one float64 sum, non-finite exactly when a term is (their
+    values cannot overflow it), about 6x faster than ``isfinite().all()`` on a window's queries (this
+    runs on every search); float64 and other dtypes take ``isfinite``.
+    """
+    if t.numel() == 0:
+        return True
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return math.isfinite(t.sum(dtype=torch.float64).item())
+    return bool(torch.isfinite(t).all())
+
+
+def check_finite(t: torch.Tensor, name: str, verb: str = "contains") -> None:
+    """``ValueError`` "``name`` ``verb`` NaN or inf" if tensor ``t`` holds NaN or inf."""
+    if not all_finite(t):
+        raise ValueError(f"{name} {verb} NaN or inf")

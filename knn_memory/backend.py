@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from indexes import check_k, parse_device
-from indexes.validate import MAX_COUNT, MAX_DIM, check_int, check_tensor_fits
+from indexes.validate import MAX_COUNT, MAX_DIM, check_finite, check_int, check_tensor_fits
 from knn_memory.hits import MemoryHits
 from knn_memory.locking import reading, writing
 from knn_memory.validate import check_mem_dtype
@@ -312,8 +312,7 @@ class MemoryBackend(abc.ABC):
             )
         if queries.device != self.device:
             raise ValueError(f"queries are on {queries.device}, but this memory lives on {self.device}")
-        if queries.numel() and not bool(torch.isfinite(queries).all()):
-            raise ValueError("queries contain NaN or inf")
+        check_finite(queries, "queries", "contain")
         k = self.top_k if k is None else k
         if k is not None:
             k = check_k(k)

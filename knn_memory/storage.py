@@ -1,4 +1,5 @@
-"""The gather of retrieved values from chunked storage, and compact tensors for saving.
+"""The gather of retrieved values from chunked storage (and of batch rows into one tensor), and compact
+tensors for saving.
 
 The chunked store itself is :class:`indexes.ChunkedTensor` (re-exported here).
 """
@@ -10,7 +11,13 @@ import torch
 from indexes import ChunkedTensor
 from indexes.native import gather_rows
 
-__all__ = ["ChunkedTensor", "compact", "gather_values"]
+__all__ = ["ChunkedTensor", "compact", "gather_values", "stack_rows"]
+
+
+def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The per-row results ``rows`` (B tensors of one shape) as one [B, ...] tensor: ``torch.stack``, or a
+    view of the only one (batch size 1: no copy)."""
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
 
 
 def gather_values(views: list[torch.Tensor], ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""`indexes.select.top_k` against `torch.topk` on every path: the compiled selection, and without it the
-heap, the partition and the whole row."""
+"""`indexes.select.top_k` against `torch.topk` on every path: the compiled selection on every instruction
+set of this CPU (AVX-512: group maxima and counted places; below it: the maxima of runs), and without
+it the heap, the partition and the whole row."""
 
 import pytest
 import torch
@@ -9,16 +10,21 @@ from hypothesis import strategies as st
 from indexes import native, select
 from indexes.select import MIN_K, PARTITION_RANGE, top_k
 
-ENGINES = ["compiled", "torch"] if native.available() else ["torch"]
+ENGINES = [f"compiled-{isa}" for isa in native.isas()] + ["torch"]
 
 
 @pytest.fixture(autouse=True, params=ENGINES, scope="module")
 def engine(request):
-    """Every test here once with the compiled selection (where built) and once without it."""
+    """Every test here once with the compiled selection on each instruction set (where built) and once
+    without it."""
     with pytest.MonkeyPatch.context() as m:
         if request.param == "torch":
             m.setattr(select.native, "library", lambda: None)
+        else:
+            native.set_isa(request.param.removeprefix("compiled-"))
         yield request.param
+    if native.available():
+        native.set_isa("avx512")  # capped at the CPU's best: what a process starts with
 
 
 def _check(scores: torch.Tensor, k: int) -> None:
@@ -73,9 +79,38 @@ def test_the_compiled_selection_is_used_where_built(engine, monkeypatch):
             )(),
         )
     top_k(torch.randn(3, 500), 7)
-    assert len(calls) == (1 if engine == "compiled" else 0)
+    assert len(calls) == (0 if engine == "torch" else 1)
     top_k(torch.randn(3, 500, dtype=torch.float64), 7)  # another dtype: torch
-    assert len(calls) == (1 if engine == "compiled" else 0)
+    assert len(calls) == (0 if engine == "torch" else 1)
+
+
+@pytest.mark.parametrize("n, k", [(1024, 32), (4096, 128), (600, 8), (64, 16)])
+def test_ties_at_the_kth_place_keep_the_earliest(engine, n, k):
+    """Scores tied at the k-th place: the compiled selection keeps the earliest of them (torch.topk
+    promises no such rule)."""
+    g = torch.Generator().manual_seed(n + k)
+    scores = torch.rand(5, n, generator=g) - 2.0  # all below the ties
+    best = torch.randperm(n, generator=g)[: k - 3]
+    scores[:, best] = 5.0 + torch.rand(5, k - 3, generator=g)  # k - 3 clear winners
+    tied = torch.randperm(n, generator=g)[:9]
+    tied = tied[~torch.isin(tied, best)][:6]  # six tied for the last three places
+    scores[:, tied] = 1.0
+    _check(scores, k)
+    if engine.startswith("compiled"):
+        _, pos = top_k(scores, k)
+        for row in pos.tolist():
+            assert sorted(row[-3:]) == sorted(tied.tolist())[:3]
+
+
+@pytest.mark.parametrize("n, k", [(1024, 32), (8192, 16)])
+def test_rows_of_many_ties(n, k):
+    """Most of a row tied with its k-th best: more candidates than counted places take (the compiled
+    selection's fallback to the runs), and rows of a single value."""
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randint(0, 3, (4, n), generator=g).float()
+    scores[1] = 7.0
+    scores[2, : n // 2] = -1.0
+    _check(scores, k)
 
 
 def test_top_k_of_no_rows():

@@ -15,7 +15,7 @@ import torch
 from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
-from knn_memory.storage import ChunkedTensor, compact, gather_values
+from knn_memory.storage import ChunkedTensor, compact, gather_values, stack_rows
 from knn_memory.validate import INT64_MAX, check_int, check_tensor_fits
 
 DEFAULT_CHUNK = 4096
@@ -121,7 +121,7 @@ class ExactBackend(MemoryBackend):
         if kk < k:
             top_scores = torch.nn.functional.pad(top_scores, (0, k - kk), value=float("-inf"))
             pos = torch.nn.functional.pad(pos, (0, k - kk), value=-1)
-        values = torch.stack(
+        values = stack_rows(
             [
                 gather_values([v[b] for v in value_views], pos[b], self.head_dim, self.mem_dtype)
                 for b in range(B)

@@ -34,7 +34,7 @@ from indexes import (
 from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
-from knn_memory.storage import ChunkedTensor, compact, gather_values
+from knn_memory.storage import ChunkedTensor, compact, gather_values, stack_rows
 from knn_memory.validate import INT64_MAX, MAX_COUNT, check_int, check_optional_int, check_tensor_fits
 
 DEFAULT_TOP_K = 128
@@ -294,8 +294,7 @@ class FaissBackend(MemoryBackend):
         workers = self._workers(q)
         if workers <= 1:  # one call per row: compiled indexes search all their heads at once
             found = [search_many(self._rows[b][heads], q32[b].contiguous(), k) for b in range(B)]
-            scores = torch.stack([s for s, _ in found])  # [B, h, q, k]
-            ids = torch.stack([i for _, i in found])
+            scores, ids = stack_rows([s for s, _ in found]), stack_rows([i for _, i in found])  # [B, h, q, k]
         else:
             pairs = [(b, j) for b in range(B) for j in range(h)]
             results = fan_out(
@@ -308,7 +307,7 @@ class FaissBackend(MemoryBackend):
             scores = torch.stack([s for s, _ in results]).reshape(B, h, q, k)
             ids = torch.stack([i for _, i in results]).reshape(B, h, q, k)
         value_ids = ids.to(self.value_device)
-        values = torch.stack(
+        values = stack_rows(
             [
                 gather_values(
                     [v[heads] for v in self._values[b].views()], value_ids[b], self.head_dim, self.mem_dtype
