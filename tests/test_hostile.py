@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from indexes.validate import check_float, check_int, check_tensor_fits
+from indexes.validate import all_finite, check_finite, check_float, check_int, check_tensor_fits
 from knn_memory import create_backend, load_backend
 from longllama import training
 
@@ -239,6 +239,24 @@ def test_the_float16_edge():
     check_tensor_fits(torch.tensor([65519.0, -65519.0]), "x", torch.float16)
     with pytest.raises(ValueError, match=r"x holds a finite value of magnitude 65520 .* float16"):
         check_tensor_fits(torch.tensor([1.0, -65520.0]), "x", torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_the_finite_check_finds_every_nan_and_inf_and_no_more(dtype):
+    """One float64 sum for float32 and 16-bit floats: the largest values, many of them, never add up to
+    inf there; float64 (whose largest values would) is checked element by element."""
+    big = torch.full((3, 1000), torch.finfo(dtype).max, dtype=dtype)
+    big[1] = -torch.finfo(dtype).max
+    assert all_finite(big) and all_finite(big[:0])
+    check_finite(big, "x")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[2, 777] = bad
+        assert not all_finite(t)
+        with pytest.raises(ValueError, match=r"^x contains NaN or inf$"):
+            check_finite(t, "x")
+    with pytest.raises(ValueError, match=r"^queries contain NaN or inf$"):
+        check_finite(torch.tensor([float("nan")], dtype=dtype), "queries", "contain")
 
 
 @pytest.mark.parametrize("name", ["exact", "faiss"])
