@@ -9,10 +9,11 @@ time:
 
 * **model forward**: everything outside the memory: embeddings, projections, RoPE, MLPs, norms, the
   local part of attention;
-* **attention over hits**: the one softmax over [local ; retrieved] and the weighted values;
+* **attention over hits**: the one softmax over [local ; retrieved] around the search and the values;
 * **search**: the exact phase (matmul and top-k over the key store), the box-bound list ranking, the Faiss
   list scan;
-* **value gather**: fetching the k values of every query from the chunked value store;
+* **value gather**: reading the k values of every query from the chunked value store, and weighting
+  them (in place, on the CPU: :meth:`knn_memory.storage.RetrievedValues.weighted`);
 * **key add**: assignment to lists, codes, bounds, values appended;
 * **index builds**: decoding keys, k-means, re-assigning every key (the growth policy's rebuilds);
 * **dispatch and Python overhead**: the backend's own code around the calls above.
@@ -40,8 +41,8 @@ from benchmarks.measure import PeakRSS
 from indexes import batched
 from indexes.bounded_ivf import BoundedIVF
 from indexes.streaming import StreamingIndex
-from knn_memory.backends import faiss_index as faiss_backend
 from knn_memory.backends.faiss_index import FaissBackend
+from knn_memory.storage import RetrievedValues
 from longllama.cli_args import (
     BadArguments,
     OneLineParser,
@@ -104,8 +105,11 @@ def instrumented(timers: Timers, head_dim: int):
     def exact_work(self, q, k):
         return 2.0 * d * q.shape[0] * self.ntotal
 
-    def gather_work(views, ids, dim, dtype):  # bytes read and written
-        return 2.0 * ids.numel() * dim * torch.empty((), dtype=dtype).element_size()
+    def gather_work(self):  # bytes read and written
+        return 2.0 * self.ids.numel() * self.dim * self.dtype.itemsize
+
+    def weighted_work(self, probs):  # bytes of values read
+        return 1.0 * self.ids.numel() * self.dim * self.dtype.itemsize
 
     def add_work(self, keys, values, mask=None):  # bytes written: keys (codes + int32 ids) and values
         n = keys.shape[0] * keys.shape[1] * keys.shape[2]
@@ -119,7 +123,7 @@ def instrumented(timers: Timers, head_dim: int):
         return 2.0 * d * lists * (self.policy.niter * sample + self.ntotal)
 
     patch(knn_memory.attention, "memory_attention", "memory_attention")
-    patch(FaissBackend, "search", "backend.search")
+    patch(FaissBackend, "search_for_attention", "backend.search")
     patch(FaissBackend, "add", "backend.add", add_work)
     patch(StreamingIndex, "_exact", "search.exact", exact_work)
     timed_exact_many = timers.wrap("search.exact", batched._exact_many)
@@ -155,7 +159,8 @@ def instrumented(timers: Timers, head_dim: int):
     patch(BoundedIVF, "add", "index.bounded_add")
     patch(batched, "_compiled_add", "index.bounded_add")
     patch(StreamingIndex, "added_to", "index.add")
-    patch(faiss_backend, "gather_values", "gather", gather_work)
+    patch(RetrievedValues, "gather", "gather", gather_work)
+    patch(RetrievedValues, "weighted", "gather", weighted_work)
     # the model calls memory_attention through the knn_memory package
     patches.append((knn_memory, "memory_attention", knn_memory.memory_attention))
     knn_memory.memory_attention = knn_memory.attention.memory_attention

@@ -14,7 +14,8 @@
  * enter the top-k, so the result is exact. A query scans at most `cap` lists.
  *
  * knn_assign() finds the nearest centroid of each new key (the list it goes to), knn_gather() copies
- * rows of chunked storage by id (the retrieved values of the memory, knn_memory/storage.py), and
+ * rows of chunked storage by id (the retrieved values of the memory, knn_memory/storage.py) and
+ * knn_weighted_gather() sums them weighted (attention over the retrieved values, without copying them),
  * knn_topk_rows() selects the k largest of each row of a score matrix (the exact search, indexes/select.py).
  * knn_add_heads() and knn_search_heads() do the add (assignment included) and the search of every head
  * of a batch row in one call (indexes/batched.py).
@@ -36,7 +37,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 6
+#define KNN_VERSION 7
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -921,6 +922,99 @@ void knn_gather(int64_t nchunks, const uint8_t *const *bases, const int64_t *sta
     }
 }
 
+/* The weighted sum of gathered rows, without gathering them: out [heads, q, dim] float32 receives, for
+ * each head h and query i, the sum over j < k of probs[(h * q + i) * k + j] times the row of entry
+ * ids[(h * q + i) * k + j] (chunks as knn_gather() reads them; rows of dim elements of `kind`), in
+ * order of j, in float32 (fused multiply-adds with AVX-512); an id outside 0 .. starts[nchunks] - 1
+ * or a weight of 0 adds nothing. (Attention over top-k hits: the [q, k, dim] values of a window are
+ * never materialised.) */
+static inline const uint8_t *row_of(const uint8_t *const *bases, const int64_t *starts, const int64_t *head_strides,
+                                    int64_t nchunks, int64_t h, int64_t e, int64_t row_bytes) {
+    int64_t c = nchunks - 1;
+    while (starts[c] > e) c--;
+    return bases[c] + h * head_strides[c] + (e - starts[c]) * row_bytes;
+}
+
+#ifdef KNN_X86
+KNN_AVX512 __m512 row16(const uint8_t *row, int64_t kind, __mmask16 live) {
+    if (kind == KIND_F32) return _mm512_maskz_loadu_ps(live, row);
+    const __m256i h = _mm256_maskz_loadu_epi16(live, row);
+    if (kind == KIND_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+/* One tile of up to 16 * V dims (masks `live`) of one query: the sum in V registers. */
+KNN_AVX512 void weighted_tile(const uint8_t *const *bases, const int64_t *starts, const int64_t *head_strides,
+                              int64_t nchunks, int64_t h, const int64_t *ids, const float *w, int64_t k,
+                              int64_t kind, int64_t row_bytes, int64_t offset, const __mmask16 *live, int V,
+                              float *o) {
+    const int64_t total = starts[nchunks], size = kind == KIND_F32 ? 4 : 2;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j = 0; j < k; j++) {
+        const int64_t e = ids[j];
+        if (e < 0 || e >= total || w[j] == 0.0f) continue;
+        const uint8_t *row = row_of(bases, starts, head_strides, nchunks, h, e, row_bytes) + offset;
+        const __m512 p = _mm512_set1_ps(w[j]);
+        for (int v = 0; v < V; v++) acc[v] = _mm512_fmadd_ps(p, row16(row + 16 * v * size, kind, live[v]), acc[v]);
+    }
+    for (int v = 0; v < V; v++) _mm512_mask_storeu_ps(o + 16 * v, live[v], acc[v]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void weighted_avx512(
+    const uint8_t *const *bases, const int64_t *starts, const int64_t *head_strides, int64_t nchunks, int64_t h,
+    const int64_t *ids, const float *w, int64_t k, int64_t dim, int64_t kind, int64_t row_bytes, float *o) {
+    const int64_t size = kind == KIND_F32 ? 4 : 2;
+    for (int64_t t0 = 0; t0 < dim; t0 += 64) { /* 64 dims at a time, summed in registers */
+        const int64_t width = dim - t0 < 64 ? dim - t0 : 64;
+        __mmask16 live[4];
+        for (int v = 0; v < 4; v++) {
+            const int64_t left = width - 16 * v;
+            live[v] = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1u) : (__mmask16)0;
+        }
+        const int64_t at = t0 * size;
+        switch ((width + 15) / 16) { /* the register count a constant: the loops unrolled */
+        case 1: weighted_tile(bases, starts, head_strides, nchunks, h, ids, w, k, kind, row_bytes, at, live, 1, o + t0); break;
+        case 2: weighted_tile(bases, starts, head_strides, nchunks, h, ids, w, k, kind, row_bytes, at, live, 2, o + t0); break;
+        case 3: weighted_tile(bases, starts, head_strides, nchunks, h, ids, w, k, kind, row_bytes, at, live, 3, o + t0); break;
+        default: weighted_tile(bases, starts, head_strides, nchunks, h, ids, w, k, kind, row_bytes, at, live, 4, o + t0);
+        }
+    }
+}
+#endif
+
+void knn_weighted_gather(int64_t nchunks, const uint8_t *const *bases, const int64_t *starts,
+                         const int64_t *head_strides, int64_t heads, int64_t q, int64_t k, const int64_t *ids,
+                         const float *probs, int64_t dim, int64_t kind, float *out) {
+    const int64_t total = starts[nchunks], size = kind == KIND_F32 ? 4 : 2, row_bytes = dim * size;
+    const int isa = knn_isa();
+    for (int64_t h = 0; h < heads; h++) {
+        for (int64_t i = 0; i < q; i++) {
+            const int64_t *id = ids + (h * q + i) * k;
+            const float *w = probs + (h * q + i) * k;
+            float *o = out + (h * q + i) * dim;
+#ifdef KNN_X86
+            if (isa >= ISA_AVX512) {
+                weighted_avx512(bases, starts, head_strides, nchunks, h, id, w, k, dim, kind, row_bytes, o);
+                continue;
+            }
+#endif
+            for (int64_t t = 0; t < dim; t++) o[t] = 0.0f;
+            for (int64_t j = 0; j < k; j++) {
+                const int64_t e = id[j];
+                if (e < 0 || e >= total || w[j] == 0.0f) continue;
+                const uint8_t *row = row_of(bases, starts, head_strides, nchunks, h, e, row_bytes);
+                for (int64_t t = 0; t < dim; t++) {
+                    const float v = kind == KIND_F32    ? ((const float *)row)[t]
+                                    : kind == KIND_BF16 ? bf16_to_f32(((const uint16_t *)row)[t])
+                                                        : f16_to_f32(((const uint16_t *)row)[t]);
+                    o[t] += w[j] * v;
+                }
+            }
+        }
+    }
+    (void)isa;
+}
+
 /* ------------------------------------------------------------------ assignment to lists */
 
 #define ASSIGN_KEYS 4   /* keys scored together (each block of centroids is loaded once for all of them) */
@@ -1222,13 +1316,15 @@ static void topk_row_runs(const float *r, int64_t n, int64_t k, int64_t room, fl
 }
 
 #ifdef KNN_X86
-/* The same with AVX-512, for k >= TOPK_MIN_K and n >= 4 k: the row's maxima over g = 4 k strided groups
- * (g a multiple of 16) in registers, a value t that k to 3 k / 2 of them reach (a lower bound of the
- * k-th largest, as above), the scores >= t compressed out in row order (about 1.2-1.5 k of them
- * for scores in no particular order), and each candidate's place counted by compares: how many beat
- * it, a larger score or an equal one earlier in the row (so the earliest win ties, and none is
- * sorted). More than TOPK_RANKED candidates (many ties) go to the runs above. Measured on one core of
- * this machine kind, 256 rows of 1024 scores, k = 32: 0.12 ms, against 0.48 ms by the runs alone. */
+/* The same with AVX-512, for k >= TOPK_MIN_K: the row's maxima over g strided groups (g = 4 k rounded up
+ * to a multiple of 16, or in a shorter row its length rounded down to one; at least k), in registers
+ * for g = 128; a value t that k to 3 k / 2 of them reach (a lower bound of the k-th largest, as
+ * above); the scores >= t compressed out in row order (about 1.2-1.5 k of them for scores in no
+ * particular order); and each candidate's place counted by compares: how many beat it, a larger score
+ * or an equal one earlier in the row (so the earliest win ties, and none is sorted). More than
+ * TOPK_RANKED candidates (many ties) go to the runs above. Measured on one core of this machine kind,
+ * 256 rows, k = 32: 0.04, 0.07 and 0.12 ms for rows of 64, 256 and 1024 scores, against 0.17, 0.28 and
+ * 0.44 ms by the runs alone. */
 #define TOPK_MIN_K 8
 #define TOPK_RANKED 256
 #define KNN_512 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -1362,12 +1458,13 @@ KNN_512 static void place512(const float *cs, const int32_t *ci, int64_t c, int6
  * Returns 0, or -1 when out of memory. */
 int knn_topk_rows(int64_t m, int64_t n, const float *scores, int64_t k, float *out_s, int64_t *out_i) {
     const int64_t runs = (n + 15) / 16, room = n > 16 * k ? 16 * k + n % 16 + 16 : n;
-    const int64_t g = ((4 * k + 15) / 16) * 16;
+    int64_t g = ((4 * k + 15) / 16) * 16; /* groups: 4 k, or as many as the row has of 16 (at least k) */
+    if (g > n) g = (n / 16) * 16;
     int64_t cap = room > runs ? room : runs;
     int wide = 0;
     float bound = NAN; /* the previous row's */
 #ifdef KNN_X86
-    wide = knn_isa() >= ISA_AVX512 && k >= TOPK_MIN_K && g <= n;
+    wide = knn_isa() >= ISA_AVX512 && k >= TOPK_MIN_K && g >= k && g > 0;
     if (wide) cap = n + 16 > cap ? n + 16 : cap;
 #endif
     float *mx = (float *)malloc((size_t)(runs > g ? runs : g) * sizeof(float));

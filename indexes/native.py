@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-VERSION = 6  # knn_version() of the C file this module was written for
+VERSION = 7  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ _SIGNATURES = {
     "knn_scan": (ctypes.c_int, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _P]),
     "knn_search": (ctypes.c_int, [_P, _I, _P, _I, _P, _I, _I, _P, _P, _P]),
     "knn_gather": (None, [_I, _P, _P, _P, _I, _I, _P, _I, _P]),
+    "knn_weighted_gather": (None, [_I, _P, _P, _P, _I, _I, _I, _P, _P, _I, _I, _P]),
     "knn_assign": (ctypes.c_int, [_I, _I, _P, _I, _P, _P, _P]),
     "knn_topk_rows": (ctypes.c_int, [_I, _I, _P, _I, _P, _P]),
     "knn_add_heads": (ctypes.c_int, [_I, _P, _I, _P, _P]),
@@ -123,6 +124,36 @@ def best_isa() -> str:
     return "none" if lib is None else ISA_NAMES[lib.knn_best_isa()]
 
 
+def _chunk_table(views: list[torch.Tensor], heads: int):
+    """What the C gathers take of chunked storage: (count, bases, starts, head strides in bytes), or None
+    where a view is not a CPU tensor [heads, m_i, d] of the first one's dtype and d with contiguous
+    rows (the heads may be any stride apart)."""
+    first = views[0]
+    dim, dtype = first.shape[-1], first.dtype
+    for v in views:
+        if (
+            v.device.type != "cpu"
+            or v.dtype != dtype
+            or v.dim() != 3
+            or v.shape[0] != heads
+            or v.shape[2] != dim
+            or v.stride(2) != 1
+            or (v.shape[1] > 1 and v.stride(1) != dim)
+        ):
+            return None
+    size = first.element_size()
+    count = len(views)
+    bases = (ctypes.c_void_p * count)(*[v.data_ptr() for v in views])
+    starts = (ctypes.c_int64 * (count + 1))()
+    strides = (ctypes.c_int64 * count)(*[v.stride(0) * size for v in views])
+    total = 0
+    for i, v in enumerate(views):
+        starts[i] = total
+        total += v.shape[1]
+    starts[count] = total
+    return count, bases, starts, strides
+
+
 def gather_rows(views: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor | None:
     """Rows of chunked storage by entry id, by the compiled library, or None where it cannot.
 
@@ -141,30 +172,56 @@ def gather_rows(views: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor | 
     if lib is None or not views or ids.device.type != "cpu" or ids.dtype != torch.int64 or ids.dim() != 2:
         return None
     h, n = ids.shape
-    first = views[0]
-    dim, dtype = first.shape[-1], first.dtype
-    for v in views:
-        if (
-            v.device.type != "cpu"
-            or v.dtype != dtype
-            or v.dim() != 3
-            or v.shape[0] != h
-            or v.shape[2] != dim
-            or v.stride(2) != 1
-            or (v.shape[1] > 1 and v.stride(1) != dim)
-        ):
-            return None
-    size = first.element_size()
-    count = len(views)
-    bases = (ctypes.c_void_p * count)(*[v.data_ptr() for v in views])
-    starts = (ctypes.c_int64 * (count + 1))()
-    strides = (ctypes.c_int64 * count)(*[v.stride(0) * size for v in views])
-    total = 0
-    for i, v in enumerate(views):
-        starts[i] = total
-        total += v.shape[1]
-    starts[count] = total
+    table = _chunk_table(views, h)
+    if table is None:
+        return None
+    dim, dtype = views[0].shape[-1], views[0].dtype
     ids = ids.contiguous()
     out = torch.empty(h, n, dim, dtype=dtype)
-    lib.knn_gather(count, bases, starts, strides, h, n, ids.data_ptr(), dim * size, out.data_ptr())
+    lib.knn_gather(*table, h, n, ids.data_ptr(), dim * views[0].element_size(), out.data_ptr())
+    return out
+
+
+_KINDS = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}  # the C file's KIND_*
+
+
+def weighted_rows(views: list[torch.Tensor], ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor | None:
+    """The rows of entries ``ids`` summed with weights ``probs``, by the compiled library (the rows are
+    read in place, never gathered), or None where it cannot.
+
+    Args:
+        views: the chunks, as :func:`gather_rows` takes them, of float32, bfloat16 or float16.
+        ids: [h, q, k] int64 CPU entry ids; those outside ``0 .. sum(m_i) - 1`` (``-1``: empty) add nothing.
+        probs: [h, q, k] float32 CPU weights.
+
+    Returns:
+        [h, q, d] float32: ``sum_j probs[..., j] * row(ids[..., j])``, summed in order of j in float32
+        (fused multiply-adds where the CPU has AVX-512). None: library missing, or an argument on another
+        device, of another dtype or layout.
+    """
+    import torch
+
+    lib = library()
+    if (
+        lib is None
+        or not views
+        or str(views[0].dtype) not in _KINDS
+        or ids.device.type != "cpu"
+        or ids.dtype != torch.int64
+        or ids.dim() != 3
+        or probs.device.type != "cpu"
+        or probs.dtype != torch.float32
+        or probs.shape != ids.shape
+    ):
+        return None
+    h, q, k = ids.shape
+    table = _chunk_table(views, h)
+    if table is None:
+        return None
+    dim = views[0].shape[-1]
+    ids, probs = ids.contiguous(), probs.contiguous()
+    out = torch.empty(h, q, dim, dtype=torch.float32)
+    lib.knn_weighted_gather(
+        *table, h, q, k, ids.data_ptr(), probs.data_ptr(), dim, _KINDS[str(views[0].dtype)], out.data_ptr()
+    )
     return out

@@ -9,10 +9,11 @@ On the CPU, where the compiled library is built (:mod:`indexes.native`), one C c
 (``knn_topk_rows``), by one of two methods that give the same result (the k largest, best first; of
 scores tied at the k-th place, the earliest):
 
-* with AVX-512 (and k >= 8, n >= 4 k): the maxima of 4 k strided groups of the row (vertical maxima,
-  in registers for k = 32); a value t that k to 1.5 k of those maxima reach, by bisection from the
-  previous row's t; the scores >= t compressed out in row order (about 1.2-1.5 k of them); and each
-  candidate's place counted by vector compares (how many beat it), which sorts them too;
+* with AVX-512 (and k >= 8, n >= k rounded up to 16): the maxima of 4 k strided groups of the row
+  (fewer in a shorter row; vertical maxima, in registers for k = 32); a value t that k to 1.5 k of
+  those maxima reach, by bisection from the previous row's t; the scores >= t compressed out in row
+  order (about 1.2-1.5 k of them); and each candidate's place counted by vector compares (how many
+  beat it), which sorts them too;
 * otherwise: the maxima of runs of 16 scores; the k-th largest of them bounds the row's k-th largest
   from below, so only the runs that reach it are read again and only their scores at or above it
   become candidates, selected by bisection and sorted.

@@ -219,7 +219,7 @@ def memory_attention(
                 out = _merged_partials(qg, scores, local_values[:, hs], memory, top_k, hs, inv_scale, floor)
             elif use_memory:
                 # the memory may live on another device (mem_device): search there, attend here
-                hits = memory.search(qg.to(memory.device), k=top_k, heads=hs)
+                hits = memory.search_for_attention(qg.to(memory.device), k=top_k, heads=hs)
                 if torch.is_grad_enabled():
                     mem_scores = torch.clamp_min(hits.scores.to(query.device, dtype) / inv_scale, floor)
                     joint = torch.cat([scores, mem_scores], dim=-1)

@@ -46,7 +46,7 @@ class MemoryBackend(abc.ABC):
     #: registry name, set by :func:`knn_memory.registry.register_backend`
     name: str = ""
     #: public methods that only read the memory (run concurrently) and those that change it (alone)
-    READERS = ("search", "state", "checkpoint")
+    READERS = ("search", "search_for_attention", "state", "checkpoint")
     WRITERS = ("add", "reset", "reorder", "truncate", "rollback", "set_search_params", "save")
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -93,6 +93,17 @@ class MemoryBackend(abc.ABC):
             k: entries per query (default ``top_k``); ignored by a dense backend.
             heads: the slice of heads the queries belong to (default: all H).
         """
+
+    def search_for_attention(
+        self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None
+    ) -> MemoryHits:
+        """:meth:`search` for :func:`~knn_memory.memory_attention`, which weighs the hits' values at once.
+
+        A backend may leave top-k values where they are stored (``MemoryHits.retrieved``), so that
+        :meth:`MemoryHits.weighted_values` reads them in place instead of copying [B, h, q, k, d]
+        first. This default is :meth:`search`.
+        """
+        return self.search(queries, k, heads)
 
     @abc.abstractmethod
     def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:

@@ -1,5 +1,5 @@
-"""The gather of retrieved values from chunked storage (and of batch rows into one tensor), and compact
-tensors for saving.
+"""The gather of retrieved values from chunked storage (or their weighted sum, read in place), batch rows
+stacked into one tensor, and compact tensors for saving.
 
 The chunked store itself is :class:`indexes.ChunkedTensor` (re-exported here).
 """
@@ -9,15 +9,76 @@ from __future__ import annotations
 import torch
 
 from indexes import ChunkedTensor
-from indexes.native import gather_rows
+from indexes.native import gather_rows, weighted_rows
+from knn_memory.locking import RWLock
 
-__all__ = ["ChunkedTensor", "compact", "gather_values", "stack_rows"]
+__all__ = ["ChunkedTensor", "RetrievedValues", "compact", "gather_values", "stack_rows"]
 
 
 def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
     """The per-row results ``rows`` (B tensors of one shape) as one [B, ...] tensor: ``torch.stack``, or a
     view of the only one (batch size 1: no copy)."""
     return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+
+
+class RetrievedValues:
+    """The values of top-k hits, left in the memory's chunked storage until they are used.
+
+    Args:
+        views: per batch row, its value chunks [h, m_i, d] (the searched heads), entries in order.
+        ids: [B, h, q, k] int64 entry ids on the chunks' device; ``-1`` for empty slots.
+        dim, dtype: d and the storage dtype.
+        device: where the gathered values go (the memory's device).
+        lock: the memory's lock, held (shared) while the chunks are read.
+    """
+
+    def __init__(
+        self,
+        views: list[list[torch.Tensor]],
+        ids: torch.Tensor,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        lock: RWLock | None = None,
+    ) -> None:
+        self.views, self.ids, self.dim, self.dtype, self.device, self.lock = (
+            views,
+            ids,
+            dim,
+            dtype,
+            device,
+            lock,
+        )
+
+    def _locked(self, read):
+        if self.lock is None:
+            return read()
+        self.lock.acquire_read()
+        try:
+            return read()
+        finally:
+            self.lock.release_read()
+
+    def gather(self) -> torch.Tensor:
+        """[B, h, q, k, d] in the storage dtype on ``device``: only the retrieved values cross devices."""
+        return self._locked(
+            lambda: stack_rows(
+                [gather_values(v, self.ids[b], self.dim, self.dtype) for b, v in enumerate(self.views)]
+            ).to(self.device)
+        )
+
+    def weighted(self, probs: torch.Tensor) -> torch.Tensor | None:
+        """``sum_j probs[..., j] * value_j`` [B, h, q, d] float32 for float32 ``probs`` [B, h, q, k] on the
+        CPU, each value read where it is stored (:func:`indexes.native.weighted_rows`); None where that
+        cannot be done (another device or dtype, no compiled library)."""
+        if probs.dtype != torch.float32 or probs.device.type != "cpu" or self.ids.device.type != "cpu":
+            return None
+
+        def read():
+            out = [weighted_rows(v, self.ids[b], probs[b]) for b, v in enumerate(self.views)]
+            return None if any(o is None for o in out) else stack_rows(out)
+
+        return self._locked(read)
 
 
 def gather_values(views: list[torch.Tensor], ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:

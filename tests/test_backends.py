@@ -471,7 +471,7 @@ def test_no_grad_attention_equals_the_autograd_path_and_frees_the_search_scores(
         want = memory_attention(queries, lk, lv, memory=mem)
 
     alive = []
-    search, softmax = type(mem).search, attention_module.F.softmax
+    search, softmax = type(mem).search_for_attention, attention_module.F.softmax
 
     def spy_search(self, *args, **kwargs):
         hits = search(self, *args, **kwargs)
@@ -482,7 +482,7 @@ def test_no_grad_attention_equals_the_autograd_path_and_frees_the_search_scores(
         alive.append(alive[-1]() is not None)
         return softmax(*args, **kwargs)
 
-    monkeypatch.setattr(type(mem), "search", spy_search)
+    monkeypatch.setattr(type(mem), "search_for_attention", spy_search)
     monkeypatch.setattr(attention_module.F, "softmax", spy_softmax)
     with torch.no_grad():
         got = memory_attention(queries, lk, lv, memory=mem)

@@ -356,6 +356,7 @@ def test_phase_profile_accounts_for_every_search_path(monkeypatch, one_call_per_
     assert sum(seconds.values()) == pytest.approx(result["prefill_seconds"], rel=1e-6)
     assert seconds["search: list scan"] > 0 and seconds["search: list ranking"] > 0
     assert seconds["search: exact phase"] > 0  # before the first build: all heads in one selection
+    assert seconds["value gather"] > 0 and result["calls"]["gather"] > 0  # the values weighted in place
     assert result["calls"]["search.scan"] > 0 and result["calls"]["index.bounded_add"] > 0
     assert result["scan"]["queries"] > 0 and result["scan"]["keys_scanned"] > 0
     assert result["lists_per_head"] > 0

@@ -33,8 +33,9 @@ from indexes import (
 )
 from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
+from knn_memory.locking import lock_of
 from knn_memory.registry import register_backend
-from knn_memory.storage import ChunkedTensor, compact, gather_values, stack_rows
+from knn_memory.storage import ChunkedTensor, RetrievedValues, compact, stack_rows
 from knn_memory.validate import INT64_MAX, MAX_COUNT, check_int, check_optional_int, check_tensor_fits
 
 DEFAULT_TOP_K = 128
@@ -288,6 +289,13 @@ class FaissBackend(MemoryBackend):
             fan_out(lambda job: job[0].add_checked(job[1]), jobs, workers)
 
     def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None) -> MemoryHits:
+        hits = self.search_for_attention(queries, k, heads)
+        hits.gathered_values()
+        return hits
+
+    def search_for_attention(
+        self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None
+    ) -> MemoryHits:
         k, heads = self._check_search(queries, k, heads)
         B, h, q, _ = queries.shape
         q32 = queries.detach().to(torch.float32)
@@ -306,16 +314,15 @@ class FaissBackend(MemoryBackend):
             )
             scores = torch.stack([s for s, _ in results]).reshape(B, h, q, k)
             ids = torch.stack([i for _, i in results]).reshape(B, h, q, k)
-        value_ids = ids.to(self.value_device)
-        values = stack_rows(
-            [
-                gather_values(
-                    [v[heads] for v in self._values[b].views()], value_ids[b], self.head_dim, self.mem_dtype
-                )
-                for b in range(B)
-            ]
-        ).to(self.device)  # [B, h, q, k, d]: only the retrieved values cross devices
-        return MemoryHits(scores=scores, ids=ids, values=values)
+        retrieved = RetrievedValues(
+            [[v[heads] for v in self._values[b].views()] for b in range(B)],
+            ids.to(self.value_device),
+            self.head_dim,
+            self.mem_dtype,
+            self.device,
+            lock_of(self),
+        )
+        return MemoryHits(scores=scores, ids=ids, retrieved=retrieved)
 
     def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
         for r in self._check_rows(rows):
