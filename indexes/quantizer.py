@@ -5,8 +5,9 @@ The centroids are held transposed, ``[d, Lp]`` with ``Lp`` the list count rounde
 the nearest centroid of a key ``x`` is ``argmin_l |c_l|^2 / 2 - x . c_l``.
 
 Where the compiled library is built (:mod:`indexes.native`) one C call scores a few keys at a time
-against blocks of 16 centroids (two blocks per step with AVX-512, which halves the time: 64 keys at
-1448 lists 187 -> 98 us, the same lists) and keeps the argmin as it goes: at 32 keys per window and 1448 lists,
+against blocks of 16 centroids (with AVX-512, two blocks and 8 keys per step: 64 keys at 1448 lists
+187 -> 98 us with two blocks of 4 keys, -> 47-60 us with 8 keys, which halves the reads of the
+centroids; the same lists) and keeps the argmin as it goes: at 32 keys per window and 1448 lists,
 torch's ``addmm`` + ``argmin`` cost ~190 us per call, most of it in the small matmul's setup and a
 scalar argmin over [32, L]. Without the library, those two torch calls do it. The two engines sum in
 different orders, so a key almost equidistant from two centroids may go to either: both are nearest
