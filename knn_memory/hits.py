@@ -67,8 +67,8 @@ class MemoryHits:
         """Sum of values weighted by ``probs`` [B, h, q, k] -> [B, h, q, d] (dtype of ``probs``)."""
         if self.value_chunks is None:
             if self.values is None and self.retrieved is not None and not probs.requires_grad:
-                # read in place: [1, 4, 64, 32] x 32 dims of a 1M-token memory in ~40 us, where the
-                # gather, the cast to float32 and the product below took ~130 us
+                # read in place: [1, 4, 64, 32] hits of 32 dims from a 100k-entry memory in ~60 us,
+                # where the gather, the cast to float32 and the product below took ~145 us
                 out = self.retrieved.weighted(probs)
                 if out is not None:
                     return out

@@ -41,14 +41,12 @@ class RetrievedValues:
         device: torch.device,
         lock: RWLock | None = None,
     ) -> None:
-        self.views, self.ids, self.dim, self.dtype, self.device, self.lock = (
-            views,
-            ids,
-            dim,
-            dtype,
-            device,
-            lock,
-        )
+        self.views = views
+        self.ids = ids
+        self.dim = dim
+        self.dtype = dtype
+        self.device = device
+        self.lock = lock
 
     def _locked(self, read):
         if self.lock is None:
