@@ -10,7 +10,7 @@ from indexes.gpu import MAX_GPU_K, MAX_GPU_NPROBE, faiss_has_gpu, parse_device
 from indexes.growth import AUTO, GrowthPolicy
 from indexes.protocol import KeyIndex, check_key_index, index_class, index_kind, register_index
 from indexes.spec import IndexSpec, parse_spec
-from indexes.streaming import StreamingIndex, check_k
+from indexes.streaming import StreamingIndex, check_k, pad_to_k
 from indexes.threads import default_threads, faiss_threads, fan_out, fork_safe_context, set_faiss_threads
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "fork_safe_context",
     "index_class",
     "index_kind",
+    "pad_to_k",
     "parse_device",
     "parse_spec",
     "register_index",

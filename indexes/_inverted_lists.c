@@ -904,6 +904,14 @@ int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound
  * receives, for each head h and slot i, the row of entry ids[h * m + i], or zeros where that id is
  * outside 0 .. starts[nchunks] - 1 (-1: an empty slot). Chunks are few (their sizes double), so the
  * chunk of an id is found by a linear walk from the last one. */
+/* Head h's row of entry e (0 <= e < starts[nchunks]), as above: the walk to its chunk and the offset. */
+static inline const uint8_t *row_of(const uint8_t *const *bases, const int64_t *starts, const int64_t *head_strides,
+                                    int64_t nchunks, int64_t h, int64_t e, int64_t row_bytes) {
+    int64_t c = nchunks - 1;
+    while (starts[c] > e) c--;
+    return bases[c] + h * head_strides[c] + (e - starts[c]) * row_bytes;
+}
+
 void knn_gather(int64_t nchunks, const uint8_t *const *bases, const int64_t *starts, const int64_t *head_strides,
                 int64_t heads, int64_t m, const int64_t *ids, int64_t row_bytes, uint8_t *out) {
     const int64_t total = starts[nchunks];
@@ -915,9 +923,7 @@ void knn_gather(int64_t nchunks, const uint8_t *const *bases, const int64_t *sta
                 memset(dst, 0, (size_t)row_bytes);
                 continue;
             }
-            int64_t c = nchunks - 1;
-            while (starts[c] > e) c--;
-            memcpy(dst, bases[c] + h * head_strides[c] + (e - starts[c]) * row_bytes, (size_t)row_bytes);
+            memcpy(dst, row_of(bases, starts, head_strides, nchunks, h, e, row_bytes), (size_t)row_bytes);
         }
     }
 }
@@ -928,13 +934,6 @@ void knn_gather(int64_t nchunks, const uint8_t *const *bases, const int64_t *sta
  * order of j, in float32 (fused multiply-adds with AVX-512); an id outside 0 .. starts[nchunks] - 1
  * or a weight of 0 adds nothing. (Attention over top-k hits: the [q, k, dim] values of a window are
  * never materialised.) */
-static inline const uint8_t *row_of(const uint8_t *const *bases, const int64_t *starts, const int64_t *head_strides,
-                                    int64_t nchunks, int64_t h, int64_t e, int64_t row_bytes) {
-    int64_t c = nchunks - 1;
-    while (starts[c] > e) c--;
-    return bases[c] + h * head_strides[c] + (e - starts[c]) * row_bytes;
-}
-
 #ifdef KNN_X86
 KNN_AVX512 __m512 row16(const uint8_t *row, int64_t kind, __mmask16 live) {
     if (kind == KIND_F32) return _mm512_maskz_loadu_ps(live, row);

@@ -90,9 +90,9 @@ def score_buffer(need: int) -> torch.Tensor:
 
 
 def pad_to_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k results [m, <= k] padded to [m, k] with empty slots (``-inf`` scores, ``-1`` ids)."""
-    if scores.shape[1] < k:
-        pad = k - scores.shape[1]
+    """Exact top-k results [..., <= k] padded to [..., k] with empty slots (``-inf`` scores, ``-1`` ids)."""
+    if scores.shape[-1] < k:
+        pad = k - scores.shape[-1]
         scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf)
         ids = torch.nn.functional.pad(ids, (0, pad), value=-1)
     return scores, ids

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from indexes import pad_to_k
 from knn_memory.backend import MemoryBackend, MemoryCheckpoint
 from knn_memory.hits import MemoryHits
 from knn_memory.registry import register_backend
@@ -115,12 +116,8 @@ class ExactBackend(MemoryBackend):
         if k is None:
             ids = entry_ids[:, None, None, :].expand(B, h, q, M)
             return MemoryHits(scores=scores, ids=ids, value_chunks=tuple(value_views))
-        kk = min(k, M)
-        top_scores, pos = torch.topk(scores, kk, dim=-1)
-        pos = torch.where(torch.isfinite(top_scores), pos, -1)
-        if kk < k:
-            top_scores = torch.nn.functional.pad(top_scores, (0, k - kk), value=float("-inf"))
-            pos = torch.nn.functional.pad(pos, (0, k - kk), value=-1)
+        top_scores, pos = torch.topk(scores, min(k, M), dim=-1)
+        top_scores, pos = pad_to_k(top_scores, torch.where(torch.isfinite(top_scores), pos, -1), k)
         values = stack_rows(
             [
                 gather_values([v[b] for v in value_views], pos[b], self.head_dim, self.mem_dtype)
