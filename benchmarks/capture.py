@@ -71,7 +71,25 @@ class Recorder:
             self._rec_values.append(v.cpu().clone())
 
     def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None):
-        hits = super().search(queries, k, heads)
+        return self._recorded_call(super().search, queries, k, heads)
+
+    def search_for_attention(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None):
+        # the model's entry point; one backend's form may call the other: the outermost call records
+        return self._recorded_call(super().search_for_attention, queries, k, heads)
+
+    def _recorded_call(self, call, queries: torch.Tensor, k: int | None, heads: slice | None):
+        if getattr(self, "_rec_inside", False):
+            return call(queries, k, heads)
+        self._rec_inside = True
+        try:
+            hits = call(queries, k, heads)
+        finally:
+            self._rec_inside = False
+        self._record_queries(queries, heads)
+        return hits
+
+    def _record_queries(self, queries: torch.Tensor, heads: slice | None) -> None:
+        """Keeps batch row 0 of ``queries`` [B, h, q, d] (heads ``heads``) with the memory size they saw."""
         start = 0 if heads is None else (heads.start or 0)
         seen = int(self.lengths[0])
         q = queries[0].detach().float().cpu()  # [h, q, d]
@@ -82,7 +100,6 @@ class Recorder:
             while len(per_head) > 1 and sum(t.shape[0] for t in per_head[1:]) >= self.max_queries:
                 per_head.pop(0)
                 sizes.pop(0)
-        return hits
 
     def recorded(self) -> dict[str, torch.Tensor]:
         """keys/values [H, N, d], queries [H, Q, d] (the last Q, the same for every head), sizes [Q]."""

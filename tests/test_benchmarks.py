@@ -261,6 +261,24 @@ def test_capture_tool_on_a_tiny_checkpoint(tmp_path, fast_ceilings):
     assert row["status"] == "ok" and row["source"] == "captured (tiny)"
 
 
+def test_capture_around_a_top_k_backend_records_each_query_once(tmp_path, fast_ceilings):
+    """The model searches through ``search_for_attention``; the recorder must see those calls, once each."""
+    from benchmarks import capture, sources
+
+    runs = {}
+    for backend in ("exact", "faiss:Flat"):
+        out = tmp_path / f"{backend.replace(':', '_')}.pt"
+        args = [str(TINY_CHECKPOINT), "--tokens", "256", "--max-queries", "128", "--out", str(out)]
+        assert capture.main([*args, "--backend", backend, "--top-k", "256"]) == 0
+        runs[backend] = sources.load_capture(str(out))
+    exact, flat = runs["exact"], runs["faiss:Flat"]
+    assert flat["queries"].shape == exact["queries"].shape and flat["queries"].shape[2] > 0
+    # the memory size each kept query saw: a query recorded twice would repeat a window's sizes
+    assert torch.equal(flat["query_memory_size"], exact["query_memory_size"])
+    # Flat with k >= the memory (256 > 224 keys) is exact attention: the same queries, to float tolerance
+    torch.testing.assert_close(flat["queries"], exact["queries"], atol=1e-4, rtol=1e-4)
+
+
 def test_end_to_end_on_a_tiny_model(tmp_path):
     from benchmarks import end_to_end
 
