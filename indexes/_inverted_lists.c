@@ -432,8 +432,8 @@ __attribute__((target("avx2,fma,f16c"))) static void score_avx2(const knn_store 
 
 /* ------------------------------------------------------------------ top-k selection
  * A reservoir of (score, id) candidates: a candidate is appended when it beats `thr`, a lower bound of
- * the k-th best so far; when the reservoir is full, a quickselect keeps the k best and `thr` becomes
- * the k-th (exact at that moment). Appending costs a compare and two stores, where a heap would sift
+ * the k-th best so far; when the reservoir is full, a bisection keeps between k and 2k of the best and
+ * `thr` becomes the smallest kept (the exact k best are selected once, at the end). Appending costs a compare and two stores, where a heap would sift
  * (unpredictable branches) on every better key: the scan finds many, since it visits the best lists
  * first. */
 typedef struct {
@@ -491,63 +491,106 @@ static int64_t count_ge(const float *s, int64_t n, float t) {
     return c;
 }
 
-/* Reorder s / id [n] so that the `keep` largest come first, in their order in s (of entries equal to the
- * keep-th largest, the earliest). That value is found by bisection over the float order with
- * vectorised counts (no data-dependent branches: a quickselect mispredicts about every other
- * comparison on such data), then the entries above it and as many equal to it as needed are moved to
- * the front. */
-static void select_largest(float *s, int32_t *id, int64_t n, int64_t keep) {
-    /* count_ge(order_value(lo)) >= keep > count_ge(order_value(hi + 1)); stop early at a count of keep */
-    uint32_t lo = order_key(-INFINITY), hi = order_key(INFINITY);
-    int exact = 0;
-    while (lo < hi) {
+#ifdef KNN_X86
+/* Every entry of s / id [n] that is >= t moved forward, in order (compressed 16 at a time); returns how
+ * many. A full store at `at` <= i only overwrites entries already loaded. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static int64_t keep_ge_512(float *s, int32_t *id, int64_t n,
+                                                                              float t) {
+    const __m512 tt = _mm512_set1_ps(t);
+    int64_t at = 0, i = 0;
+    for (; i + KNN_LANES <= n; i += KNN_LANES) {
+        const __m512 v = _mm512_loadu_ps(s + i);
+        const __m512i vi = _mm512_loadu_si512((const void *)(id + i));
+        const __mmask16 k = _mm512_cmp_ps_mask(v, tt, _CMP_GE_OQ);
+        _mm512_storeu_ps(s + at, _mm512_maskz_compress_ps(k, v));
+        _mm512_storeu_si512((void *)(id + at), _mm512_maskz_compress_epi32(k, vi));
+        at += __builtin_popcount((unsigned)k);
+    }
+    if (i < n) {
+        const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(tail, s + i);
+        const __m512i vi = _mm512_maskz_loadu_epi32(tail, (const void *)(id + i));
+        const __mmask16 k = _mm512_mask_cmp_ps_mask(tail, v, tt, _CMP_GE_OQ);
+        _mm512_mask_compressstoreu_ps(s + at, k, v);
+        _mm512_mask_compressstoreu_epi32((void *)(id + at), k, vi);
+        at += __builtin_popcount((unsigned)k);
+    }
+    return at;
+}
+#endif
+
+/* Reorder s / id [n] (n >= keep) so that a run of the largest comes first, in their order in s, and
+ * return its length c, keep <= c <= most: every entry >= t for a threshold t with keep <= (entries
+ * >= t) <= most, found by bisection over the float order with vectorised counts (no data-dependent
+ * branches: a quickselect mispredicts about every other comparison on such data) between the smallest
+ * and the largest entry. With most == keep it is exact: the keep largest (of entries equal to the
+ * keep-th largest, the earliest). A wider band (a reservoir's intermediate trims) takes fewer steps. */
+static int64_t trim_largest(float *s, int32_t *id, int64_t n, int64_t keep, int64_t most) {
+    uint32_t lo = UINT32_MAX, hi = 0; /* the order keys of the smallest and largest entry */
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t key = order_key(s[i]);
+        lo = key < lo ? key : lo;
+        hi = key > hi ? key : hi;
+    }
+    /* count_ge(order_value(lo)) = c >= keep > count_ge(order_value(hi + 1)); stop once c <= most */
+    int64_t c = n;
+    while (c > most && lo < hi) {
         const uint32_t mid = lo + (hi - lo + 1) / 2;
-        const int64_t c = count_ge(s, n, order_value(mid));
-        if (c >= keep) lo = mid;
-        if (c < keep) hi = mid - 1;
-        if (c == keep) {
-            exact = 1;
-            break;
-        }
+        const int64_t cm = count_ge(s, n, order_value(mid));
+        if (cm >= keep) lo = mid, c = cm;
+        else hi = mid - 1;
     }
     const float t = order_value(lo);
-    if (exact || count_ge(s, n, t) == keep) { /* exactly `keep` entries are >= t: move them forward */
-        int64_t c = 0;
+    if (c <= most) { /* every entry >= t: move them forward */
+#ifdef KNN_X86
+        if (knn_isa() == ISA_AVX512) return keep_ge_512(s, id, n, t);
+#endif
+        int64_t at = 0;
         for (int64_t i = 0; i < n; i++) { /* branch-free; what is overwritten is dropped anyway */
             const float v = s[i];
             const int32_t vi = id[i];
-            s[c] = v;
-            id[c] = vi;
-            c += v >= t;
+            s[at] = v;
+            id[at] = vi;
+            at += v >= t;
         }
-        return;
+        return at;
     }
-    int64_t above = 0; /* ties at the keep-th value: every entry > t and the earliest == t, in order */
+    int64_t above = 0; /* lo == hi: ties at the keep-th value: every entry > t and the earliest == t */
     for (int64_t i = 0; i < n; i++) above += s[i] > t;
-    int64_t ties = keep - above, c = 0;
+    int64_t ties = keep - above, at = 0;
     for (int64_t i = 0; i < n; i++) {
         const float v = s[i];
         const int32_t vi = id[i];
         const int take = (v > t) | ((v == t) & (ties > 0));
         ties -= (v == t) & take;
-        s[c] = v;
-        id[c] = vi;
-        c += take;
+        s[at] = v;
+        id[at] = vi;
+        at += take;
     }
+    return at;
 }
 
-/* Keep the `keep` best; `thr` becomes the k-th best (when there are `keep`). */
-static void topk_compact(knn_topk *t) {
-    if (t->n > t->keep) {
-        select_largest(t->s, t->id, t->n, t->keep);
-        t->n = t->keep;
-    }
-    if (t->n == t->keep) {
+/* Reorder s / id [n] so that the `keep` largest come first, in their order in s (of entries equal to the
+ * keep-th largest, the earliest). */
+static void select_largest(float *s, int32_t *id, int64_t n, int64_t keep) {
+    if (n > keep) trim_largest(s, id, n, keep, keep);
+}
+
+/* Keep candidates that can still be among the `keep` best: exactly the `keep` best when `exact`, else
+ * between keep and 2 keep of the best (cheaper, for a reservoir that is still filling); `thr` becomes
+ * the smallest kept (a lower bound of the k-th best) once `keep` are kept. */
+static void topk_trim(knn_topk *t, int exact) {
+    const int64_t most = exact ? t->keep : 2 * t->keep;
+    if (t->n > most) t->n = trim_largest(t->s, t->id, t->n, t->keep, most);
+    if (t->n >= t->keep) {
         float m = t->s[0];
         for (int64_t i = 1; i < t->n; i++) m = t->s[i] < m ? t->s[i] : m;
         t->thr = m;
     }
 }
+
+/* Keep the `keep` best; `thr` becomes the k-th best (when there are `keep`). */
+static void topk_compact(knn_topk *t) { topk_trim(t, 1); }
 
 static void sift_down_min(float *s, int32_t *id, int64_t size, int64_t i) {
     for (;;) {
@@ -563,7 +606,7 @@ static void sift_down_min(float *s, int32_t *id, int64_t size, int64_t i) {
 /* A threshold from the candidates so far (later keys below it are not even appended), once there are k,
  * then again whenever the reservoir holds 4k. */
 static inline void topk_settle(knn_topk *t) {
-    if (t->n >= 4 * t->keep || (t->thr == -FLT_MAX && t->n >= t->keep)) topk_compact(t);
+    if (t->n >= 4 * t->keep || (t->thr == -FLT_MAX && t->n >= t->keep)) topk_trim(t, 0);
 }
 
 /* Sort s / id [n] by score, largest first (insertion sort for the small k of attention; heapsort else). */
@@ -625,7 +668,7 @@ static void scan_query(const knn_store *s, knn_scratch *w, knn_topk *t, const fl
         for (int64_t b0 = 0; b0 < blocks; b0 += KNN_RUN) {
             const int64_t nb = blocks - b0 < KNN_RUN ? blocks - b0 : KNN_RUN;
             const uint8_t *x = (const uint8_t *)li->codes + b0 * s->block_bytes;
-            if (t->n + nb * KNN_LANES > t->room) topk_compact(t);
+            if (t->n + nb * KNN_LANES > t->room) topk_trim(t, 0);
             const int64_t before = t->n;
 #ifdef KNN_X86
             if (isa == ISA_AVX512)
@@ -660,54 +703,128 @@ static void scan_query(const knn_store *s, knn_scratch *w, knn_topk *t, const fl
 }
 
 #ifdef KNN_X86
-/* Scores of one block for G queries (pointers to their padded vectors): each row is loaded once. */
-KNN_AVX512 void block_multi(const knn_store *s, const float *const *qv, const int G, const uint8_t *block, __m512 *out) {
-    __m512 acc[8], acc2[8];
+#define KNN_GROUP 8    /* queries scored together against one block (16 or 8 accumulators) */
+#define KNN_PREFETCH 4 /* blocks ahead that the first pass over a list prefetches */
+
+/* Scores of one block for G queries (pointers to their padded vectors): each row is loaded once.
+ * `width` 2 (bfloat16) or 1; G and width are constants at every call, so the accumulators stay in
+ * registers. */
+KNN_AVX512 void block_multi(const knn_store *s, const float *const *qv, const int G, const int width,
+                            const uint8_t *block, __m512 *out) {
+    __m512 acc[KNN_GROUP], acc2[KNN_GROUP];
+#pragma GCC unroll 8
     for (int g = 0; g < G; g++) acc[g] = acc2[g] = _mm512_setzero_ps();
-    const int width = (int)s->width;
-    for (int64_t r = 0; r < s->rows; r++) {
-        __m512 xe, xo = _mm512_setzero_ps();
-        row512(s, block, r, &xe, &xo);
-        for (int g = 0; g < G; g++) { /* the sums of blocks512, in the same order: the same bits */
-            if (width == 2) {
+    if (width == 2) {
+        for (int64_t r = 0; r < s->rows; r++) {
+            __m512 xe, xo = _mm512_setzero_ps();
+            row512(s, block, r, &xe, &xo);
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) { /* the sums of blocks512, in the same order: the same bits */
                 acc[g] = _mm512_fmadd_ps(xe, _mm512_set1_ps(qv[g][2 * r]), acc[g]);
                 acc2[g] = _mm512_fmadd_ps(xo, _mm512_set1_ps(qv[g][2 * r + 1]), acc2[g]);
-            } else if (r & 1) {
-                acc2[g] = _mm512_fmadd_ps(xe, _mm512_set1_ps(qv[g][r]), acc2[g]);
+            }
+        }
+    } else {
+        for (int64_t r = 0; r < s->rows; r++) {
+            __m512 x, unused;
+            row512(s, block, r, &x, &unused);
+            if (r & 1) {
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) acc2[g] = _mm512_fmadd_ps(x, _mm512_set1_ps(qv[g][r]), acc2[g]);
             } else {
-                acc[g] = _mm512_fmadd_ps(xe, _mm512_set1_ps(qv[g][r]), acc[g]);
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(x, _mm512_set1_ps(qv[g][r]), acc[g]);
             }
         }
     }
+#pragma GCC unroll 8
     for (int g = 0; g < G; g++) out[g] = _mm512_add_ps(acc[g], acc2[g]);
 }
 
-/* Scores of one block for G queries into out [G, 16], and masks[g]: the lanes above thr[g]. */
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void score_group(const knn_store *s, const float *const *qv,
-                                                                           int G, const uint8_t *block,
-                                                                           const float *thr, float *out,
-                                                                           uint32_t *masks) {
-    __m512 sc[8];
-    switch (G) { /* a constant G per copy: the accumulators stay in registers */
-        case 1: block_multi(s, qv, 1, block, sc); break;
-        case 2: block_multi(s, qv, 2, block, sc); break;
-        case 3: block_multi(s, qv, 3, block, sc); break;
-        case 4: block_multi(s, qv, 4, block, sc); break;
-        case 5: block_multi(s, qv, 5, block, sc); break;
-        case 6: block_multi(s, qv, 6, block, sc); break;
-        case 7: block_multi(s, qv, 7, block, sc); break;
-        default: block_multi(s, qv, 8, block, sc); break;
+/* Append the lanes `mask` of the scores sc (the ids [16] of their block) to the reservoir t: both
+ * compressed in registers and stored whole (the reservoir has room for 16 past its end). */
+__attribute__((target("avx512f,avx512bw,avx512vl"), noinline)) static void take_lanes(knn_topk *t, __m512 sc,
+                                                                                     const int32_t *ids,
+                                                                                     uint32_t mask,
+                                                                                     int64_t *stats) {
+    if (t->n + KNN_LANES > t->room) topk_trim(t, 0);
+    const __mmask16 k = (__mmask16)mask;
+    _mm512_storeu_ps(t->s + t->n, _mm512_maskz_compress_ps(k, sc));
+    _mm512_storeu_si512((void *)(t->id + t->n), _mm512_maskz_compress_epi32(k, _mm512_loadu_si512((const void *)ids)));
+    const int taken = __builtin_popcount(mask);
+    t->n += taken;
+    stats[3] += taken;
+    topk_settle(t);
+}
+
+/* Every block of list li for G queries qv [G] (reservoirs t [G]): the lanes above a query's threshold
+ * of the moment become its candidates. Scores are stored only for a block where some lane is above.
+ * `prefetch`: the list is not yet in cache (the first pass over it) and blocks ahead are fetched. */
+KNN_AVX512 void list_multi(const knn_store *s, const knn_list *li, const float *const *qv, const int G,
+                           const int width, knn_topk *const *t, int prefetch, int64_t *stats) {
+    float thr[KNN_GROUP];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) thr[g] = t[g]->thr;
+    const uint8_t *codes = (const uint8_t *)li->codes;
+    const int64_t nb = (li->size + KNN_LANES - 1) / KNN_LANES, bb = s->block_bytes;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *block = codes + b * bb;
+        if (prefetch && b + KNN_PREFETCH < nb)
+            for (int64_t at = 0; at < bb; at += 64) _mm_prefetch((const char *)block + KNN_PREFETCH * bb + at, _MM_HINT_T0);
+        __m512 sc[KNN_GROUP];
+        block_multi(s, qv, G, width, block, sc);
+        const int64_t valid = li->size - b * KNN_LANES;
+        const uint32_t lanes = valid < KNN_LANES ? (1u << valid) - 1u : 0xffffu;
+        uint32_t masks[KNN_GROUP], any = 0;
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            masks[g] = (uint32_t)_mm512_cmp_ps_mask(sc[g], _mm512_set1_ps(thr[g]), _CMP_GT_OQ) & lanes;
+            any |= masks[g];
+        }
+        if (!any) continue;
+        for (int g = 0; g < G; g++) {
+            if (!masks[g]) continue;
+            take_lanes(t[g], sc[g], li->ids + b * KNN_LANES, masks[g], stats);
+            thr[g] = t[g]->thr;
+        }
     }
-    for (int g = 0; g < G; g++) {
-        _mm512_storeu_ps(out + g * KNN_LANES, sc[g]);
-        masks[g] = (uint32_t)_mm512_cmp_ps_mask(sc[g], _mm512_set1_ps(thr[g]), _CMP_GT_OQ);
+}
+
+/* list_multi with G (1 .. KNN_GROUP) and the width as constants. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void scan_group(const knn_store *s, const knn_list *li,
+                                                                          const float *const *qv, int G,
+                                                                          knn_topk *const *t, int prefetch,
+                                                                          int64_t *stats) {
+#define KNN_CASE(n)                                                                       \
+    case n:                                                                               \
+        if (s->width == 2)                                                                \
+            list_multi(s, li, qv, n, 2, t, prefetch, stats);                              \
+        else                                                                              \
+            list_multi(s, li, qv, n, 1, t, prefetch, stats);                              \
+        break;
+    switch (G) {
+        KNN_CASE(1)
+        KNN_CASE(2)
+        KNN_CASE(3)
+        KNN_CASE(4)
+        KNN_CASE(5)
+        KNN_CASE(6)
+        KNN_CASE(7)
+        default:
+            if (s->width == 2)
+                list_multi(s, li, qv, KNN_GROUP, 2, t, prefetch, stats);
+            else
+                list_multi(s, li, qv, KNN_GROUP, 1, t, prefetch, stats);
     }
+#undef KNN_CASE
 }
 #endif
 
 /* The first p0 lists of every query (all scanned, in any order): list by list, each block loaded once
- * for every query that ranks the list there (a window's queries share many lists). AVX-512 only;
- * returns 0 (nothing done) elsewhere, else p0. */
+ * for every group of up to KNN_GROUP queries that rank the list there (a window's queries share many
+ * lists: ~9 queries per list on the embedded model's own queries at 512k keys, 8 lists each). A list's
+ * queries are split into groups of equal size (9 -> 5 + 4, not 8 + 1: a group of one is bound by the
+ * latency of its loads). AVX-512 only; returns 0 (nothing done) elsewhere, else p0. */
 static int64_t scan_shared(const knn_store *s, int isa, int64_t m, const float *qps, int64_t dp, const int64_t *ranked,
                            int64_t cap, int64_t p0, knn_topk *tops, int64_t *stats) {
 #ifdef KNN_X86
@@ -751,42 +868,28 @@ static int64_t scan_shared(const knn_store *s, int isa, int64_t m, const float *
     const int64_t at = start[256];
     for (int64_t l = 0; l < L; l++)
         if (first[l + 1] > first[l]) order[start[place[l]]++] = l;
-    float sc[8 * KNN_LANES];
     for (int64_t o = 0; o < at; o++) {
-        const int64_t l = order[o];
-        const knn_list *li = &s->lists[l];
-        for (int64_t g0 = first[l]; g0 < first[l + 1]; g0 += 8) {
-            const int G = (int)(first[l + 1] - g0 < 8 ? first[l + 1] - g0 : 8);
-            const float *qv[8];
-            for (int g = 0; g < G; g++) {
+        const knn_list *li = &s->lists[order[o]];
+        if (o + 1 < at) { /* the start of the next list, whose first blocks the prefetch ahead skips */
+            const knn_list *next = &s->lists[order[o + 1]];
+            const int64_t nb = (next->size + KNN_LANES - 1) / KNN_LANES;
+            const int64_t bytes = (nb < KNN_PREFETCH ? nb : KNN_PREFETCH) * s->block_bytes;
+            for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)next->codes + b, _MM_HINT_T0);
+        }
+        const int64_t q0 = first[order[o]], nq = first[order[o] + 1] - q0;
+        const int64_t groups = (nq + KNN_GROUP - 1) / KNN_GROUP;
+        for (int64_t gi = 0, g0 = q0; gi < groups; gi++) {
+            const int64_t left = q0 + nq - g0, G = (left + (groups - gi) - 1) / (groups - gi);
+            const float *qv[KNN_GROUP];
+            knn_topk *t[KNN_GROUP];
+            for (int64_t g = 0; g < G; g++) {
                 qv[g] = qps + who[g0 + g] * dp;
-                stats[0]++;
-                stats[1] += li->size;
+                t[g] = &tops[who[g0 + g]];
             }
-            for (int64_t b = 0; b * KNN_LANES < li->size; b++) {
-                float thr[8];
-                uint32_t masks[8];
-                for (int g = 0; g < G; g++) thr[g] = tops[who[g0 + g]].thr;
-                score_group(s, qv, G, (const uint8_t *)li->codes + b * s->block_bytes, thr, sc, masks);
-                const int64_t valid = li->size - b * KNN_LANES;
-                const uint32_t lanes = valid < KNN_LANES ? (1u << valid) - 1u : 0xffffu;
-                for (int g = 0; g < G; g++) {
-                    uint32_t mask = masks[g] & lanes;
-                    if (!mask) continue;
-                    knn_topk *t = &tops[who[g0 + g]];
-                    if (t->n + KNN_LANES > t->room) topk_compact(t);
-                    const int64_t before = t->n;
-                    while (mask) {
-                        const int lane = __builtin_ctz(mask);
-                        mask &= mask - 1u;
-                        t->s[t->n] = sc[g * KNN_LANES + lane];
-                        t->id[t->n] = li->ids[b * KNN_LANES + lane];
-                        t->n++;
-                    }
-                    stats[3] += t->n - before;
-                    topk_settle(t);
-                }
-            }
+            stats[0] += G;
+            stats[1] += G * li->size;
+            scan_group(s, li, qv, (int)G, t, gi == 0, stats);
+            g0 += G;
         }
     }
     free(first);
@@ -851,31 +954,67 @@ static inline int any_above(const float *v, float t) {
 #endif
 }
 
-/* The `cap` (<= nlist) largest of bound [nlist], largest first and the lower list first on equal bounds,
- * into rank_s / rank_l [cap]. One pass that keeps the top sorted: once it holds `cap` lists, a run of 16
- * bounds none of which beats the smallest kept is skipped with one vector compare, and a bound that does
- * is inserted (about cap * ln(nlist / cap) insertions in all for bounds in random order). */
-static void rank_lists(const float *bound, int64_t nlist, int64_t cap, float *rank_s, int64_t *rank_l) {
+/* Insert bound v of list l into the kept top rank_s / rank_l [n of cap], sorted (the lower list first on
+ * equal bounds); updates n and, once `cap` are kept, the smallest kept. */
+static inline void rank_insert(float v, int64_t l, int64_t cap, float *rank_s, int64_t *rank_l, int64_t *n,
+                               float *floor) {
+    int64_t p = *n < cap ? *n : cap - 1;
+    while (p > 0 && rank_s[p - 1] < v) {
+        rank_s[p] = rank_s[p - 1];
+        rank_l[p] = rank_l[p - 1];
+        p--;
+    }
+    rank_s[p] = v;
+    rank_l[p] = l;
+    if (*n < cap) (*n)++;
+    if (*n == cap) *floor = rank_s[cap - 1];
+}
+
+static void rank_lists_c(const float *bound, int64_t nlist, int64_t cap, float *rank_s, int64_t *rank_l) {
     int64_t n = 0;
     float floor = -INFINITY; /* the smallest kept, once `cap` are kept */
     for (int64_t l0 = 0; l0 < nlist; l0 += 16) {
         const int64_t end = l0 + 16 < nlist ? l0 + 16 : nlist;
         if (n == cap && end - l0 == 16 && !any_above(bound + l0, floor)) continue;
-        for (int64_t l = l0; l < end; l++) {
-            const float v = bound[l];
-            if (n == cap && !(v > floor)) continue;
-            int64_t p = n < cap ? n : cap - 1;
-            while (p > 0 && rank_s[p - 1] < v) {
-                rank_s[p] = rank_s[p - 1];
-                rank_l[p] = rank_l[p - 1];
-                p--;
-            }
-            rank_s[p] = v;
-            rank_l[p] = l;
-            if (n < cap) n++;
-            if (n == cap) floor = rank_s[cap - 1];
+        for (int64_t l = l0; l < end; l++)
+            if (n < cap || bound[l] > floor) rank_insert(bound[l], l, cap, rank_s, rank_l, &n, &floor);
+    }
+}
+
+#ifdef KNN_X86
+/* rank_lists_c with one compare per 16 bounds: the lanes above the floor of the moment, in order, each
+ * checked again against the floor as it rises. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void rank_lists_512(const float *bound, int64_t nlist,
+                                                                              int64_t cap, float *rank_s,
+                                                                              int64_t *rank_l) {
+    int64_t n = 0, l0 = 0;
+    float floor = -INFINITY;
+    for (; l0 < nlist && n < cap; l0++) rank_insert(bound[l0], l0, cap, rank_s, rank_l, &n, &floor);
+    for (; l0 < nlist; l0 += 16) {
+        const __mmask16 valid = nlist - l0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nlist - l0)) - 1u);
+        uint32_t mask = _mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, bound + l0),
+                                                _mm512_set1_ps(floor), _CMP_GT_OQ);
+        while (mask) {
+            const int64_t l = l0 + __builtin_ctz(mask);
+            mask &= mask - 1u;
+            if (bound[l] > floor) rank_insert(bound[l], l, cap, rank_s, rank_l, &n, &floor);
         }
     }
+}
+#endif
+
+/* The `cap` (<= nlist) largest of bound [nlist], largest first and the lower list first on equal bounds,
+ * into rank_s / rank_l [cap]. One pass that keeps the top sorted: once it holds `cap` lists, a run of 16
+ * bounds none of which beats the smallest kept is skipped with one vector compare, and a bound that does
+ * is inserted (about cap * ln(nlist / cap) insertions in all for bounds in random order). */
+static void rank_lists(const float *bound, int64_t nlist, int64_t cap, float *rank_s, int64_t *rank_l) {
+#ifdef KNN_X86
+    if (knn_isa() == ISA_AVX512) {
+        rank_lists_512(bound, nlist, cap, rank_s, rank_l);
+        return;
+    }
+#endif
+    rank_lists_c(bound, nlist, cap, rank_s, rank_l);
 }
 
 /* knn_scan with the ranking done here: each query's lists are the `cap` (<= nlist) of largest bound in

@@ -232,11 +232,12 @@ def test_a_querys_result_does_not_depend_on_the_others_in_its_batch(engine, dtyp
     g = torch.Generator().manual_seed(6)
     q = torch.randn(1, 33, generator=g) + 0.01 * torch.randn(20, 33, generator=g)  # alike: they share lists
     bound = torch.randn(1, 12, generator=g).expand(20, -1) + 0.1 * torch.randn(20, 12, generator=g)
-    together = lists.search(q.numpy(), 7, bound, 9, 5)
-    for i in range(20):
-        alone = lists.search(q[i : i + 1].numpy(), 7, bound[i : i + 1], 9, 5)
-        np.testing.assert_array_equal(alone[0][0], together[0][i])
-        np.testing.assert_array_equal(alone[1][0], together[1][i])
+    alone = [lists.search(q[i : i + 1].numpy(), 7, bound[i : i + 1], 9, 5) for i in range(20)]
+    for m in (2, 3, 5, 8, 9, 17, 20):  # a list's queries go in groups of up to 8: every group size occurs
+        together = lists.search(q[:m].numpy(), 7, bound[:m], 9, 5)
+        for i in range(m):
+            np.testing.assert_array_equal(alone[i][0][0], together[0][i])
+            np.testing.assert_array_equal(alone[i][1][0], together[1][i])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
