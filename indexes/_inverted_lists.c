@@ -1017,6 +1017,16 @@ static void rank_lists(const float *bound, int64_t nlist, int64_t cap, float *ra
     rank_lists_c(bound, nlist, cap, rank_s, rank_l);
 }
 
+#define TOPK_MIN_K 8 /* the exact top-k of rows: its AVX-512 path from this k on (see knn_topk_rows) */
+int knn_topk_rows(int64_t m, int64_t n, const float *scores, int64_t k, float *out_s, int64_t *out_i);
+
+/* True when one of v [n] is NaN (a loop the compiler vectorises). */
+static int any_nan(const float *v, int64_t n) {
+    int nan = 0;
+    for (int64_t i = 0; i < n; i++) nan |= v[i] != v[i];
+    return nan;
+}
+
 /* knn_scan with the ranking done here: each query's lists are the `cap` (<= nlist) of largest bound in
  * its row of bound [m, nlist], in that order. */
 int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound, int64_t cap, int64_t nprobe,
@@ -1026,9 +1036,16 @@ int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound
     int64_t *ranked_l = (int64_t *)malloc((size_t)(m * cap) * sizeof(int64_t));
     int rc = -1;
     if (ranked_s && ranked_l) {
-        for (int64_t iq = 0; iq < m; iq++)
-            rank_lists(bound + iq * s->nlist, s->nlist, cap, ranked_s + iq * cap, ranked_l + iq * cap);
-        rc = scan_all(s, m, q, k, ranked_l, ranked_s, cap, nprobe, out_s, out_i, stats);
+        /* the exact top-k of the rows (the same order: largest first, the lower list first on equal
+         * bounds) where it has its AVX-512 path: a few compares per bound where rank_lists inserts
+         * ~cap * ln(nlist / cap) bounds one by one; not with a NaN, which it does not order */
+        rc = 0;
+        if (knn_isa() >= ISA_AVX512 && cap >= TOPK_MIN_K && !any_nan(bound, m * s->nlist))
+            rc = knn_topk_rows(m, s->nlist, bound, cap, ranked_s, ranked_l);
+        else
+            for (int64_t iq = 0; iq < m; iq++)
+                rank_lists(bound + iq * s->nlist, s->nlist, cap, ranked_s + iq * cap, ranked_l + iq * cap);
+        if (rc == 0) rc = scan_all(s, m, q, k, ranked_l, ranked_s, cap, nprobe, out_s, out_i, stats);
     }
     free(ranked_s);
     free(ranked_l);
@@ -1468,7 +1485,6 @@ static void topk_row_runs(const float *r, int64_t n, int64_t k, int64_t room, fl
  * TOPK_RANKED candidates (many ties) go to the runs above. Measured on one core of this machine kind,
  * 256 rows, k = 32: 0.04, 0.07 and 0.12 ms for rows of 64, 256 and 1024 scores, against 0.17, 0.28 and
  * 0.44 ms by the runs alone. */
-#define TOPK_MIN_K 8
 #define TOPK_RANKED 256
 #define KNN_512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 

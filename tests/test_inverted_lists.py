@@ -241,6 +241,22 @@ def test_a_querys_result_does_not_depend_on_the_others_in_its_batch(engine, dtyp
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_nan_bound_still_ranks_real_lists(engine):
+    """The AVX-512 ranking does not order NaN: a row with one goes to the one-by-one ranking, and every
+    id returned is still a key's (a list number out of range would be read out of bounds)."""
+    lists, keys, _ = filled(engine, 40, 16, torch.bfloat16, 3000)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(6, 16, generator=g)
+    bound = torch.randn(6, 40, generator=g)
+    clean = lists.search(q.numpy(), 9, bound, 8, 8)
+    bound[2, 5] = float("nan")
+    scores, ids, _ = lists.search(q.numpy(), 9, bound, 8, 8)
+    assert ((ids >= 0) & (ids < keys.shape[0])).all() and np.isfinite(scores).all()
+    rows = [0, 1, 3, 4, 5]  # the other rows rank as before
+    np.testing.assert_array_equal(ids[rows], clean[1][rows])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_add_boxed_widens_each_lists_box_and_counts(engine):
     g = torch.Generator().manual_seed(9)
     keys = torch.randn(300, 5, generator=g)
