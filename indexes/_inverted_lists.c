@@ -165,12 +165,26 @@ int knn_store_add(void *h, int64_t n, const void *codes, const int64_t *lists, c
             return -1;
         int64_t block = li->size / KNN_LANES, lane = li->size % KNN_LANES;
         uint8_t *dst = (uint8_t *)li->codes + block * s->block_bytes;
+        /* element i goes to slot(s, lane, i): row i / width, lane, half i % width of the lane's 32 bits
+         * (bfloat16) or the lane itself; written row by row, without a division per element */
         if (s->kind == KIND_F32) {
             const float *src = (const float *)codes + r * s->dim;
-            for (int64_t i = 0; i < s->dim; i++) ((float *)dst)[slot(s, lane, i)] = src[i];
+            float *d32 = (float *)dst + lane;
+            for (int64_t i = 0; i < s->dim; i++) d32[i * KNN_LANES] = src[i];
+        } else if (s->kind == KIND_BF16) {
+            const uint16_t *src = (const uint16_t *)codes + r * s->dim;
+            uint16_t *d16 = (uint16_t *)dst + 2 * lane;
+            int64_t i = 0;
+            for (; i + 2 <= s->dim; i += 2) {
+                uint32_t pair; /* both halves at once (src may be 2-byte aligned only) */
+                memcpy(&pair, src + i, sizeof pair);
+                memcpy(d16 + i * KNN_LANES, &pair, sizeof pair);
+            }
+            if (i < s->dim) d16[i * KNN_LANES] = src[i]; /* odd dim: the last row's high half stays 0 */
         } else {
             const uint16_t *src = (const uint16_t *)codes + r * s->dim;
-            for (int64_t i = 0; i < s->dim; i++) ((uint16_t *)dst)[slot(s, lane, i)] = src[i];
+            uint16_t *d16 = (uint16_t *)dst + lane;
+            for (int64_t i = 0; i < s->dim; i++) d16[i * KNN_LANES] = src[i];
         }
         li->ids[li->size] = (int32_t)ids[r];
         li->size++;
