@@ -59,6 +59,7 @@ class Recorder:
         self._rec_seen: list[list[torch.Tensor]] = [
             [] for _ in range(self.num_heads)
         ]  # memory size per query
+        self._rec_inside = False  # in a search call (whose nested call to the other form records nothing)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         super().add(keys, values, mask)
@@ -78,7 +79,7 @@ class Recorder:
         return self._recorded_call(super().search_for_attention, queries, k, heads)
 
     def _recorded_call(self, call, queries: torch.Tensor, k: int | None, heads: slice | None):
-        if getattr(self, "_rec_inside", False):
+        if self._rec_inside:
             return call(queries, k, heads)
         self._rec_inside = True
         try:

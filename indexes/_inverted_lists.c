@@ -809,28 +809,22 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void scan_group(cons
                                                                           const float *const *qv, int G,
                                                                           knn_topk *const *t, int prefetch,
                                                                           int64_t *stats) {
-#define KNN_CASE(n)                                                                       \
-    case n:                                                                               \
-        if (s->width == 2)                                                                \
-            list_multi(s, li, qv, n, 2, t, prefetch, stats);                              \
-        else                                                                              \
-            list_multi(s, li, qv, n, 1, t, prefetch, stats);                              \
-        break;
+#define KNN_CALL(n)                                         \
+    if (s->width == 2)                                      \
+        list_multi(s, li, qv, n, 2, t, prefetch, stats);    \
+    else                                                    \
+        list_multi(s, li, qv, n, 1, t, prefetch, stats)
     switch (G) {
-        KNN_CASE(1)
-        KNN_CASE(2)
-        KNN_CASE(3)
-        KNN_CASE(4)
-        KNN_CASE(5)
-        KNN_CASE(6)
-        KNN_CASE(7)
-        default:
-            if (s->width == 2)
-                list_multi(s, li, qv, KNN_GROUP, 2, t, prefetch, stats);
-            else
-                list_multi(s, li, qv, KNN_GROUP, 1, t, prefetch, stats);
+        case 1: KNN_CALL(1); break;
+        case 2: KNN_CALL(2); break;
+        case 3: KNN_CALL(3); break;
+        case 4: KNN_CALL(4); break;
+        case 5: KNN_CALL(5); break;
+        case 6: KNN_CALL(6); break;
+        case 7: KNN_CALL(7); break;
+        default: KNN_CALL(KNN_GROUP);
     }
-#undef KNN_CASE
+#undef KNN_CALL
 }
 #endif
 
@@ -984,7 +978,12 @@ static inline void rank_insert(float v, int64_t l, int64_t cap, float *rank_s, i
     if (*n == cap) *floor = rank_s[cap - 1];
 }
 
-static void rank_lists_c(const float *bound, int64_t nlist, int64_t cap, float *rank_s, int64_t *rank_l) {
+/* The `cap` (<= nlist) largest of bound [nlist], largest first and the lower list first on equal bounds,
+ * into rank_s / rank_l [cap]. One pass that keeps the top sorted: once it holds `cap` lists, a run of 16
+ * bounds none of which beats the smallest kept is skipped with one vector compare, and a bound that does
+ * is inserted (about cap * ln(nlist / cap) insertions in all for bounds in random order). knn_search
+ * ranks with the exact top-k of rows instead where that has its AVX-512 path. */
+static void rank_lists(const float *bound, int64_t nlist, int64_t cap, float *rank_s, int64_t *rank_l) {
     int64_t n = 0;
     float floor = -INFINITY; /* the smallest kept, once `cap` are kept */
     for (int64_t l0 = 0; l0 < nlist; l0 += 16) {
@@ -993,42 +992,6 @@ static void rank_lists_c(const float *bound, int64_t nlist, int64_t cap, float *
         for (int64_t l = l0; l < end; l++)
             if (n < cap || bound[l] > floor) rank_insert(bound[l], l, cap, rank_s, rank_l, &n, &floor);
     }
-}
-
-#ifdef KNN_X86
-/* rank_lists_c with one compare per 16 bounds: the lanes above the floor of the moment, in order, each
- * checked again against the floor as it rises. */
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void rank_lists_512(const float *bound, int64_t nlist,
-                                                                              int64_t cap, float *rank_s,
-                                                                              int64_t *rank_l) {
-    int64_t n = 0, l0 = 0;
-    float floor = -INFINITY;
-    for (; l0 < nlist && n < cap; l0++) rank_insert(bound[l0], l0, cap, rank_s, rank_l, &n, &floor);
-    for (; l0 < nlist; l0 += 16) {
-        const __mmask16 valid = nlist - l0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nlist - l0)) - 1u);
-        uint32_t mask = _mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, bound + l0),
-                                                _mm512_set1_ps(floor), _CMP_GT_OQ);
-        while (mask) {
-            const int64_t l = l0 + __builtin_ctz(mask);
-            mask &= mask - 1u;
-            if (bound[l] > floor) rank_insert(bound[l], l, cap, rank_s, rank_l, &n, &floor);
-        }
-    }
-}
-#endif
-
-/* The `cap` (<= nlist) largest of bound [nlist], largest first and the lower list first on equal bounds,
- * into rank_s / rank_l [cap]. One pass that keeps the top sorted: once it holds `cap` lists, a run of 16
- * bounds none of which beats the smallest kept is skipped with one vector compare, and a bound that does
- * is inserted (about cap * ln(nlist / cap) insertions in all for bounds in random order). */
-static void rank_lists(const float *bound, int64_t nlist, int64_t cap, float *rank_s, int64_t *rank_l) {
-#ifdef KNN_X86
-    if (knn_isa() == ISA_AVX512) {
-        rank_lists_512(bound, nlist, cap, rank_s, rank_l);
-        return;
-    }
-#endif
-    rank_lists_c(bound, nlist, cap, rank_s, rank_l);
 }
 
 #define TOPK_MIN_K 8 /* the exact top-k of rows: its AVX-512 path from this k on (see knn_topk_rows) */
