@@ -37,7 +37,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 7
+#define KNN_VERSION 8
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -944,6 +944,229 @@ static int scan_all(const knn_store *s, int64_t m, const float *q, int64_t k, co
 int knn_scan(void *h, int64_t m, const float *q, int64_t k, int64_t cap, int64_t nprobe, const int64_t *lists,
              const float *bounds, float *out_s, int64_t *out_i, int64_t *stats) {
     return scan_all((const knn_store *)h, m, q, k, lists, bounds, cap, nprobe, out_s, out_i, stats);
+}
+
+#ifdef KNN_X86
+/* Scores of two blocks (b0, b1) for G queries qv [G]: each query element is broadcast once for both,
+ * and each (block, query) has one chain of FMAs (two loads per 2 G FMAs: the FMA units, not the loads,
+ * set the pace, where block_multi loads G + 1 per G). */
+KNN_AVX512 void pair_multi(const knn_store *s, const float *const *qv, const int G, const int width,
+                           const uint8_t *b0, const uint8_t *b1, __m512 *out0, __m512 *out1) {
+    __m512 a0[KNN_GROUP], a1[KNN_GROUP];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) a0[g] = a1[g] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < s->rows; r++) {
+        __m512 e0, o0 = _mm512_setzero_ps(), e1, o1 = _mm512_setzero_ps();
+        row512(s, b0, r, &e0, &o0);
+        row512(s, b1, r, &e1, &o1);
+        if (width == 2) {
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                const __m512 qe = _mm512_set1_ps(qv[g][2 * r]), qo = _mm512_set1_ps(qv[g][2 * r + 1]);
+                a0[g] = _mm512_fmadd_ps(o0, qo, _mm512_fmadd_ps(e0, qe, a0[g]));
+                a1[g] = _mm512_fmadd_ps(o1, qo, _mm512_fmadd_ps(e1, qe, a1[g]));
+            }
+        } else {
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                const __m512 qr = _mm512_set1_ps(qv[g][r]);
+                a0[g] = _mm512_fmadd_ps(e0, qr, a0[g]);
+                a1[g] = _mm512_fmadd_ps(e1, qr, a1[g]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) out0[g] = a0[g], out1[g] = a1[g];
+}
+
+/* The lanes of sc [G] above each query's threshold thr [G] (`lanes`: the valid ones) into the queries'
+ * reservoirs t [G]; ids [16] of the block. */
+KNN_AVX512 void take_above(const int G, const __m512 *sc, float *thr, uint32_t lanes, const int32_t *ids,
+                           knn_topk *const *t, int64_t *stats) {
+    uint32_t masks[KNN_GROUP], any = 0;
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+        masks[g] = (uint32_t)_mm512_cmp_ps_mask(sc[g], _mm512_set1_ps(thr[g]), _CMP_GT_OQ) & lanes;
+        any |= masks[g];
+    }
+    if (!any) return;
+    for (int g = 0; g < G; g++) {
+        if (!masks[g]) continue;
+        take_lanes(t[g], sc[g], ids, masks[g], stats);
+        thr[g] = t[g]->thr;
+    }
+}
+
+/* Every block of a packed tile li for G queries, two blocks at a time (a last odd block is scored as
+ * the pair of itself, so a key's score never depends on its place). */
+KNN_AVX512 void tile_multi(const knn_store *s, const knn_list *li, const float *const *qv, const int G,
+                           const int width, knn_topk *const *t, int64_t *stats) {
+    float thr[KNN_GROUP];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) thr[g] = t[g]->thr;
+    const uint8_t *codes = (const uint8_t *)li->codes;
+    const int64_t nb = (li->size + KNN_LANES - 1) / KNN_LANES, bb = s->block_bytes;
+    for (int64_t b = 0; b < nb; b += 2) {
+        const uint8_t *x0 = codes + b * bb, *x1 = b + 1 < nb ? x0 + bb : x0;
+        __m512 s0[KNN_GROUP], s1[KNN_GROUP];
+        pair_multi(s, qv, G, width, x0, x1, s0, s1);
+        for (int h = 0; h < 2 && b + h < nb; h++) {
+            const int64_t valid = li->size - (b + h) * KNN_LANES;
+            const uint32_t lanes = valid < KNN_LANES ? (1u << valid) - 1u : 0xffffu;
+            take_above(G, h ? s1 : s0, thr, lanes, li->ids + (b + h) * KNN_LANES, t, stats);
+        }
+    }
+}
+
+/* tile_multi with G (1 .. KNN_GROUP) and the width as constants. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void tile_group(const knn_store *s, const knn_list *li,
+                                                                          const float *const *qv, int G,
+                                                                          knn_topk *const *t, int64_t *stats) {
+#define KNN_CALL(n)                                \
+    if (s->width == 2)                             \
+        tile_multi(s, li, qv, n, 2, t, stats);     \
+    else                                           \
+        tile_multi(s, li, qv, n, 1, t, stats)
+    switch (G) {
+        case 1: KNN_CALL(1); break;
+        case 2: KNN_CALL(2); break;
+        case 3: KNN_CALL(3); break;
+        case 4: KNN_CALL(4); break;
+        case 5: KNN_CALL(5); break;
+        case 6: KNN_CALL(6); break;
+        case 7: KNN_CALL(7); break;
+        default: KNN_CALL(KNN_GROUP);
+    }
+#undef KNN_CALL
+}
+#endif
+
+/* ------------------------------------------------------------------ exact search of row-major keys
+ * knn_exact() is the exact top-k of the "Flat" index (and of "auto" while the memory is small) without
+ * a score matrix: a tile of keys is packed into the blocks of the lists' layout (in their own dtype),
+ * then every group of up to KNN_GROUP queries is scored against it by the scan's kernel, which keeps
+ * only the scores above each query's threshold of the moment. With k small against the keys, almost
+ * no score leaves the registers (a matmul writes every score, and the selection reads it again). */
+#define EXACT_TILE 1024 /* keys per packed tile: 400 KiB at d = 100 float32, within L2 */
+
+/* Keys [nk, dim] row-major (elements of s's kind) into the blocks of s's layout at `out` (lanes and
+ * elements past them zero). Pairs of bfloat16 and single float32 elements move as 32-bit words. */
+static void pack_tile(const knn_store *s, const uint8_t *rows, int64_t nk, uint8_t *out) {
+    const int64_t nb = (nk + KNN_LANES - 1) / KNN_LANES, es = elem_size(s->kind);
+    memset(out, 0, (size_t)(nb * s->block_bytes));
+    if (es * s->width == 4 && s->dim % s->width == 0) {
+        const int64_t words = s->dim / s->width; /* == s->rows */
+        for (int64_t j = 0; j < nk; j++) {
+            const uint32_t *src = (const uint32_t *)(rows + j * s->dim * es);
+            uint32_t *dst = (uint32_t *)(out + (j / KNN_LANES) * s->block_bytes) + j % KNN_LANES;
+            for (int64_t w = 0; w < words; w++) dst[w * KNN_LANES] = src[w];
+        }
+        return;
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        const uint8_t *src = rows + j * s->dim * es;
+        uint8_t *dst = out + (j / KNN_LANES) * s->block_bytes;
+        for (int64_t i = 0; i < s->dim; i++) memcpy(dst + slot(s, j % KNN_LANES, i) * es, src + i * es, (size_t)es);
+    }
+}
+
+/* Sort s / id [n] by score, largest first; of equal scores the earlier in s first (a stable merge sort:
+ * the reservoir holds its candidates in key order, so ties go to the lower id). `tmp_s`, `tmp_id` [n]. */
+static void sort_desc_stable(float *s, int32_t *id, int64_t n, float *tmp_s, int32_t *tmp_id) {
+    if (n <= 64) { /* the insertion sort of sort_desc is stable */
+        sort_desc(s, id, n);
+        return;
+    }
+    for (int64_t width = 1; width < n; width *= 2) {
+        for (int64_t lo = 0; lo < n; lo += 2 * width) {
+            const int64_t mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
+            int64_t a = lo, b = mid, o = lo;
+            while (a < mid && b < hi) {
+                const int right = s[b] > s[a];
+                tmp_s[o] = right ? s[b] : s[a];
+                tmp_id[o++] = right ? id[b++] : id[a++];
+            }
+            while (a < mid) tmp_s[o] = s[a], tmp_id[o++] = id[a++];
+            while (b < hi) tmp_s[o] = s[b], tmp_id[o++] = id[b++];
+        }
+        memcpy(s, tmp_s, (size_t)n * sizeof(float));
+        memcpy(id, tmp_id, (size_t)n * sizeof(int32_t));
+    }
+}
+
+/* The exact top-k by inner product of each of the m queries q [m, dim] float32 over the keys of
+ * `nchunks` chunks (chunk c: counts[c] keys [counts[c], dim] row-major at bases[c], elements of `kind`;
+ * ids count on from chunk to chunk, at most INT32_MAX keys in all). Scores and ids [m, k] best first; of
+ * scores tied at the k-th place, the earliest keys, and equal scores in id order; empty slots -inf / -1.
+ * Keys whose score is -inf (or NaN) are never returned. Each score is a float32 sum over the elements,
+ * in an order of its own (not a matmul's: the last bits may differ from one).
+ * Returns 0, 1 when not done (the CPU lacks AVX-512: the caller scores by matmul), or -1 out of memory. */
+int knn_exact(int64_t m, int64_t dim, int64_t kind, const float *q, int64_t nchunks, const uint8_t *const *bases,
+              const int64_t *counts, int64_t k, float *out_s, int64_t *out_i) {
+#ifdef KNN_X86
+    if (knn_isa() != ISA_AVX512) return 1;
+    knn_store s = {0};
+    s.dim = dim;
+    s.kind = kind;
+    s.width = kind == KIND_BF16 ? 2 : 1;
+    s.rows = (dim + s.width - 1) / s.width;
+    s.block_bytes = KNN_LANES * s.rows * s.width * elem_size(kind);
+    const int64_t dp = (s.rows * s.width + 31) / 16 * 16, es = elem_size(kind);
+    float *qps = (float *)calloc((size_t)(m * dp), sizeof(float));
+    knn_topk *tops = (knn_topk *)calloc((size_t)m, sizeof(knn_topk));
+    uint8_t *tile = (uint8_t *)aligned_alloc(64, (size_t)((EXACT_TILE / KNN_LANES) * s.block_bytes));
+    int32_t *ids = (int32_t *)malloc((EXACT_TILE + KNN_LANES) * sizeof(int32_t));
+    int rc = qps && tops && tile && ids ? 0 : -1;
+    for (int64_t iq = 0; rc == 0 && iq < m; iq++) {
+        memcpy(qps + iq * dp, q + iq * dim, (size_t)dim * sizeof(float));
+        rc = topk_new(&tops[iq], k, KNN_LANES);
+    }
+    int64_t stats[4] = {0};
+    const int64_t groups = (m + KNN_GROUP - 1) / KNN_GROUP;
+    for (int64_t c = 0, first = 0; rc == 0 && c < nchunks; first += counts[c], c++) {
+        for (int64_t t0 = 0; t0 < counts[c]; t0 += EXACT_TILE) {
+            const int64_t nk = counts[c] - t0 < EXACT_TILE ? counts[c] - t0 : EXACT_TILE;
+            pack_tile(&s, bases[c] + t0 * dim * es, nk, tile);
+            for (int64_t j = 0; j < nk; j++) ids[j] = (int32_t)(first + t0 + j);
+            const knn_list li = {nk, EXACT_TILE, (uint16_t *)tile, ids};
+            for (int64_t gi = 0, g0 = 0; gi < groups; gi++) { /* groups of equal size, as scan_shared */
+                const int64_t G = (m - g0 + (groups - gi) - 1) / (groups - gi);
+                const float *qv[KNN_GROUP];
+                knn_topk *t[KNN_GROUP];
+                for (int64_t g = 0; g < G; g++) {
+                    qv[g] = qps + (g0 + g) * dp;
+                    t[g] = &tops[g0 + g];
+                }
+                tile_group(&s, &li, qv, (int)G, t, stats);
+                g0 += G;
+            }
+        }
+    }
+    float *tmp_s = rc == 0 ? (float *)malloc((size_t)(3 * k + 64 + KNN_LANES) * sizeof(float)) : NULL;
+    int32_t *tmp_id = rc == 0 ? (int32_t *)malloc((size_t)(3 * k + 64 + KNN_LANES) * sizeof(int32_t)) : NULL;
+    if (rc == 0 && (!tmp_s || !tmp_id)) rc = -1;
+    for (int64_t iq = 0; rc == 0 && iq < m; iq++) {
+        knn_topk *t = &tops[iq];
+        topk_compact(t);
+        sort_desc_stable(t->s, t->id, t->n, tmp_s, tmp_id);
+        for (int64_t r = 0; r < k; r++) {
+            out_s[iq * k + r] = r < t->n ? t->s[r] : -INFINITY;
+            out_i[iq * k + r] = r < t->n ? t->id[r] : -1;
+        }
+    }
+    for (int64_t iq = 0; tops && iq < m; iq++) topk_free(&tops[iq]);
+    free(tmp_s);
+    free(tmp_id);
+    free(tops);
+    free(qps);
+    free(tile);
+    free(ids);
+    return rc;
+#else
+    (void)m, (void)dim, (void)kind, (void)q, (void)nchunks, (void)bases, (void)counts, (void)k, (void)out_s,
+        (void)out_i;
+    return 1;
+#endif
 }
 
 /* True when one of v [16] is above t: four SSE compares where there is SSE2 (every x86-64; gcc left the

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import itertools
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-VERSION = 7  # knn_version() of the C file this module was written for
+VERSION = 8  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ _SIGNATURES = {
     "knn_topk_rows": (ctypes.c_int, [_I, _I, _P, _I, _P, _P]),
     "knn_add_heads": (ctypes.c_int, [_I, _P, _I, _P, _P]),
     "knn_search_heads": (ctypes.c_int, [_I, _P, _I, _P, _I, _P, _P, _P]),
+    "knn_exact": (ctypes.c_int, [_I, _I, _I, _P, _I, _P, _P, _I, _P, _P]),
 }
 
 
@@ -225,3 +228,99 @@ def weighted_rows(views: list[torch.Tensor], ids: torch.Tensor, probs: torch.Ten
         *table, h, q, k, ids.data_ptr(), probs.data_ptr(), dim, _KINDS[str(views[0].dtype)], out.data_ptr()
     )
     return out
+
+
+EXACT_SPLIT_WORK = 1 << 25  # multiply-adds of an exact search below which it runs on one thread
+_split_pool: list[ThreadPoolExecutor] = []  # the threads of a split exact search, once made (grown only)
+_split_size = [0]
+
+
+def _exact_part(lib, views, q, k, first: int, rows: int, scores, ids) -> int:
+    dim = q.shape[1]
+    bases = (ctypes.c_void_p * len(views))(*[v.data_ptr() for v in views])
+    counts = (ctypes.c_int64 * len(views))(*[v.shape[0] for v in views])
+    return lib.knn_exact(
+        rows,
+        dim,
+        _KINDS[str(views[0].dtype)],
+        q[first].data_ptr(),
+        len(views),
+        bases,
+        counts,
+        k,
+        scores[first].data_ptr(),
+        ids[first].data_ptr(),
+    )
+
+
+def exact_top_k(
+    views: list[torch.Tensor], q: torch.Tensor, k: int, threads: int = 1
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The exact top-``k`` inner products of each query over the keys of ``views``, by the compiled
+    kernel (no score matrix: ``knn_exact`` in the C file), or None where it cannot run.
+
+    Args:
+        views: the key chunks in order, each a CPU tensor [n_i, d] of float32, bfloat16 or float16 with
+            contiguous rows; at most 2**31 - 1 keys in all.
+        q: [m, d] float32 CPU queries, contiguous, m >= 1.
+        k: >= 1.
+        threads: threads to split the queries over when the search is large (``EXACT_SPLIT_WORK``).
+
+    Returns:
+        scores [m, k] float32 and ids [m, k] int64 (positions over the chunks), best first; of scores
+        tied at the k-th place the earliest keys; empty slots ``-inf`` / ``-1``. None: library missing,
+        the CPU without AVX-512, or an argument it does not take.
+    """
+    import torch
+
+    lib = library()
+    if (
+        lib is None
+        or not views
+        or str(views[0].dtype) not in _KINDS
+        or q.device.type != "cpu"
+        or q.dtype != torch.float32
+        or q.dim() != 2
+        or not q.is_contiguous()
+        or q.shape[0] == 0
+    ):
+        return None
+    dim, dtype = q.shape[1], views[0].dtype
+    if any(
+        v.device.type != "cpu"
+        or v.dtype != dtype
+        or v.dim() != 2
+        or v.shape[1] != dim
+        or not v.is_contiguous()
+        for v in views
+    ):
+        return None
+    n = sum(v.shape[0] for v in views)
+    if n == 0 or n > 2**31 - 1:
+        return None
+    m = q.shape[0]
+    scores = torch.empty(m, k, dtype=torch.float32)
+    ids = torch.empty(m, k, dtype=torch.int64)
+    parts = max(1, min(threads, m // 32, (m * n * dim) // EXACT_SPLIT_WORK))
+    if parts == 1:
+        rc = _exact_part(lib, views, q, k, 0, m, scores, ids)
+    else:
+        with _lock:  # a pool of its own: its tasks are leaves (C calls), so none waits on another
+            if not _split_pool or _split_size[0] < parts:
+                if _split_pool:
+                    _split_pool[0].shutdown(wait=False)  # its queued work still runs
+                _split_pool[:] = [ThreadPoolExecutor(max_workers=parts, thread_name_prefix="knn-exact")]
+                _split_size[0] = parts
+            pool = _split_pool[0]
+        bounds = [m * i // parts for i in range(parts + 1)]
+        futures = [
+            pool.submit(_exact_part, lib, views, q, k, a, b - a, scores, ids)
+            for a, b in itertools.pairwise(bounds)
+        ]
+        codes = [f.result() for f in futures]
+        rc = -1 if -1 in codes else max(codes)
+    if rc == 1:
+        return None
+    if rc:
+        raise MemoryError(f"out of memory in the exact search of {m} queries over {n} keys")
+    return scores, ids

@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+import indexes.streaming as streaming
+from indexes import native
 from longllama import LongLlamaForCausalLM
 
 PROMPT_LENGTH = 120  # W=16, L=8: 112 tokens in memory
@@ -30,8 +32,18 @@ def run(config, ids):
     return logits, tokens[:, PROMPT_LENGTH:]
 
 
+@pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("mem_dtype", ["float32", "bfloat16"])
-def test_faiss_flat_with_k_at_least_memory_equals_exact(longllama_config, mem_dtype):
+def test_faiss_flat_with_k_at_least_memory_equals_exact(longllama_config, mem_dtype, kernel, monkeypatch):
+    """``kernel``: the Flat store searched by the compiled exact kernel from its first key (it takes over
+    from ``EXACT_KERNEL_KEYS`` on, where the CPU has AVX-512), else by the matmul."""
+    if kernel:
+        if not (native.available() and native.best_isa() == "avx512"):
+            pytest.skip("the exact kernel needs the library built, on AVX-512")
+        monkeypatch.setattr(streaming, "EXACT_KERNEL_KEYS", 1)
+        calls = []
+        real = native.exact_top_k
+        monkeypatch.setattr(native, "exact_top_k", lambda *a: calls.append(1) or real(*a))
     ids = prompt()
     exact_logits, exact_tokens = run(longllama_config(mem_dtype=mem_dtype, mem_layers=[1, 2]), ids)
     faiss_config = longllama_config(
@@ -40,6 +52,8 @@ def test_faiss_flat_with_k_at_least_memory_equals_exact(longllama_config, mem_dt
     faiss_logits, faiss_tokens = run(faiss_config, ids)
     torch.testing.assert_close(faiss_logits, exact_logits, rtol=0, atol=1e-4)
     assert torch.equal(faiss_tokens, exact_tokens)
+    if kernel:
+        assert calls  # the kernel did the searches
 
 
 @torch.no_grad()
