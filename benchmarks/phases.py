@@ -139,10 +139,11 @@ def instrumented(timers: Timers, head_dim: int):
     patch(StreamingIndex, "_build", "build", build_work)
     patch(StreamingIndex, "add_checked", "index.add")
     # the "auto" index is searched one (row, head) at a time (BoundedIVF.search) or all heads of a row
-    # at once (indexes.batched); both rank lists by their bounds' matmul, then scan in C
+    # at once (indexes.batched); both rank lists by a matmul against their bounds (two where the rank is
+    # not the bound and the scan may go past nprobe lists), then scan in C
     patch(BoundedIVF, "search", "search.scan")
     patch(batched, "_compiled_search", "search.scan")
-    patch(BoundedIVF, "list_bounds", "search.rank")
+    patch(BoundedIVF, "_bound_and_rank", "search.rank")
     patch(BoundedIVF, "compiled_search_entry", "search.rank")
     counted_search = BoundedIVF.searched
 
@@ -152,7 +153,9 @@ def instrumented(timers: Timers, head_dim: int):
         timers.scan["lists_scanned"] += stats[0]
         timers.scan["keys_scanned"] += stats[1]
         timers.scan["capped"] += stats[2]
-        timers.work["search.scan"] += 2.0 * (2 * d) * queries * self.nlist + 2.0 * d * stats[1]
+        first, cap = self._probes()
+        matmuls = 2 if self.rank_shrink != 1.0 and cap > first else 1
+        timers.work["search.scan"] += matmuls * 2.0 * (2 * d) * queries * self.nlist + 2.0 * d * stats[1]
 
     patches.append((BoundedIVF, "searched", counted_search))
     BoundedIVF.searched = searched_counting

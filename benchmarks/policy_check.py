@@ -114,6 +114,7 @@ def check_layer(
                 "lists": lists,
                 "trainings": head.trainings,
                 "max_nprobe": auto.policy.max_nprobe,
+                "rank_shrink": auto.policy.rank_shrink,
                 "lists_per_query": sum(st["lists_scanned"] for st in stats) / max(queries_seen, 1),
                 "capped_fraction": sum(st["capped"] for st in stats) / max(queries_seen, 1),
                 "scanned_per_query": round(scanned),
@@ -136,6 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--lists-per-sqrt", type=float, default=None, help="override the policy's list factor")
     p.add_argument("--max-nprobe", type=int, default=None, help="override the policy's max_nprobe")
+    p.add_argument(
+        "--rank-shrink",
+        type=float,
+        default=None,
+        help="override the policy's rank_shrink (1: rank by the bound)",
+    )
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     try:
         args = p.parse_args(argv)
@@ -146,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_float(args.lists_per_sqrt, "--lists-per-sqrt", 0.0, 1e6, low_open=True)
         if args.max_nprobe is not None:
             check_int(args.max_nprobe, "--max-nprobe", 1)
+        if args.rank_shrink is not None:
+            check_float(args.rank_shrink, "--rank-shrink", 0.0, 1.0, low_open=True)
         if args.out:  # written after every layer is scored: checked first
             check_writable_file(args.out, "--out")
         data = load_capture(args.capture)
@@ -155,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy = {} if args.lists_per_sqrt is None else {"lists_per_sqrt": args.lists_per_sqrt}
     if args.max_nprobe is not None:
         policy["max_nprobe"] = args.max_nprobe
+    if args.rank_shrink is not None:
+        policy["rank_shrink"] = args.rank_shrink
     rows = []
     for li, layer in enumerate(data["layers"]):
         keys = data["keys"][li].float()

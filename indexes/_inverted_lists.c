@@ -7,11 +7,12 @@
  * their int32 ids, in the order they were added, in blocks of 16 keys. Capacity grows by a quarter at
  * a time, so a list holds at most ~25% more than it needs (std::vector's doubling held up to 100%).
  *
- * knn_scan() takes, for each query, its lists ranked by an upper bound of q.k over the list (the
- * caller computes both; knn_search() ranks them itself from every list's bound) and scans them in
- * that order, keeping the k largest q.k. The first `nprobe` lists are scanned whatever they hold;
- * then the scan stops as soon as the next list's bound is below the k-th score: no key left can
- * enter the top-k, so the result is exact. A query scans at most `cap` lists.
+ * knn_scan() takes, for each query, its lists in the order to scan them and, for each place, the
+ * largest upper bound of q.k over the lists not yet scanned there (the caller computes both;
+ * knn_search() ranks the lists itself, by their bound or by another key, from every list's), and scans
+ * them in that order, keeping the k largest q.k. The first `nprobe` lists are scanned whatever they
+ * hold; then the scan stops as soon as that bound is below the k-th score: no key left can enter the
+ * top-k, so the result is exact. A query scans at most `cap` lists.
  *
  * knn_assign() finds the nearest centroid of each new key (the list it goes to), knn_gather() copies
  * rows of chunked storage by id (the retrieved values of the memory, knn_memory/storage.py) and
@@ -37,7 +38,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 8
+#define KNN_VERSION 9
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -1227,11 +1228,44 @@ static int any_nan(const float *v, int64_t n) {
     return nan;
 }
 
-/* knn_scan with the ranking done here: each query's lists are the `cap` (<= nlist) of largest bound in
- * its row of bound [m, nlist], in that order. */
-int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound, int64_t cap, int64_t nprobe,
-               float *out_s, int64_t *out_i, int64_t *stats) {
+/* For each query (rows of ranked_l [m, cap], the lists in the order they are scanned), the largest
+ * bound [m, nlist] of the lists not scanned before each place: out[j] = the max of the bounds of its
+ * lists at places j.. and of every list outside its `cap`. The scan's stop test at place j compares the
+ * k-th score with it, so it stays exact when the order is not the bound's own. NULL bound: +inf. */
+static int remaining_bounds(int64_t m, int64_t nlist, const float *bound, const int64_t *ranked_l, int64_t cap,
+                            float *out) {
+    if (!bound) {
+        for (int64_t i = 0; i < m * cap; i++) out[i] = INFINITY;
+        return 0;
+    }
+    float *masked = (float *)malloc((size_t)nlist * sizeof(float));
+    if (!masked) return -1;
+    for (int64_t iq = 0; iq < m; iq++) {
+        const float *b = bound + iq * nlist;
+        const int64_t *rl = ranked_l + iq * cap;
+        memcpy(masked, b, (size_t)nlist * sizeof(float));
+        for (int64_t j = 0; j < cap; j++) masked[rl[j]] = -INFINITY;
+        float run = -INFINITY; /* the largest bound outside the cap (a loop the compiler vectorises) */
+        for (int64_t l = 0; l < nlist; l++) run = masked[l] > run ? masked[l] : run;
+        for (int64_t j = cap - 1; j >= 0; j--) {
+            const float v = b[rl[j]];
+            run = v > run ? v : run;
+            out[iq * cap + j] = run;
+        }
+    }
+    free(masked);
+    return 0;
+}
+
+/* knn_scan with the ranking done here: each query's lists are the `cap` (<= nlist) of largest `rank` in
+ * its row of rank [m, nlist], in that order (of equal ones the lower list first), and the stop test uses
+ * the largest bound [m, nlist] of the lists not yet scanned (remaining_bounds). NULL rank: the lists
+ * are ranked by their bound (the bound of the next list is then the largest left). NULL bound (with a
+ * rank): no stop test; the caller gives it only when cap == nprobe, where none is made. */
+int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound, const float *rank, int64_t cap,
+               int64_t nprobe, float *out_s, int64_t *out_i, int64_t *stats) {
     const knn_store *s = (const knn_store *)h;
+    const float *order = rank ? rank : bound;
     float *ranked_s = (float *)malloc((size_t)(m * cap) * sizeof(float));
     int64_t *ranked_l = (int64_t *)malloc((size_t)(m * cap) * sizeof(int64_t));
     int rc = -1;
@@ -1240,11 +1274,12 @@ int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound
          * bounds) where it has its AVX-512 path: a few compares per bound where rank_lists inserts
          * ~cap * ln(nlist / cap) bounds one by one; not with a NaN, which it does not order */
         rc = 0;
-        if (knn_isa() >= ISA_AVX512 && cap >= TOPK_MIN_K && !any_nan(bound, m * s->nlist))
-            rc = knn_topk_rows(m, s->nlist, bound, cap, ranked_s, ranked_l);
+        if (knn_isa() >= ISA_AVX512 && cap >= TOPK_MIN_K && !any_nan(order, m * s->nlist))
+            rc = knn_topk_rows(m, s->nlist, order, cap, ranked_s, ranked_l);
         else
             for (int64_t iq = 0; iq < m; iq++)
-                rank_lists(bound + iq * s->nlist, s->nlist, cap, ranked_s + iq * cap, ranked_l + iq * cap);
+                rank_lists(order + iq * s->nlist, s->nlist, cap, ranked_s + iq * cap, ranked_l + iq * cap);
+        if (rc == 0 && rank) rc = remaining_bounds(m, s->nlist, bound, ranked_l, cap, ranked_s);
         if (rc == 0) rc = scan_all(s, m, q, k, ranked_l, ranked_s, cap, nprobe, out_s, out_i, stats);
     }
     free(ranked_s);
@@ -1596,15 +1631,16 @@ int knn_add_heads(int64_t heads, const int64_t *table, int64_t n, const float *k
 }
 
 /* knn_search() for each of `heads` stores: queries q [heads, m, dim], results out_s, out_i [heads, m, k]
- * and stats [heads, 4]. Row h of table [heads, 4] is (store, bound [m, nlist of that store], cap,
- * nprobe) of head h. Returns 0, or -1 out of memory. */
+ * and stats [heads, 4]. Row h of table [heads, 5] is (store, bound [m, nlist of that store] or 0, cap,
+ * nprobe, rank [m, nlist] or 0) of head h. Returns 0, or -1 out of memory. */
 int knn_search_heads(int64_t heads, const int64_t *table, int64_t m, const float *q, int64_t k, float *out_s,
                      int64_t *out_i, int64_t *stats) {
     for (int64_t h = 0; h < heads; h++) {
-        const int64_t *e = table + h * 4;
+        const int64_t *e = table + h * 5;
         const knn_store *s = (const knn_store *)(intptr_t)e[0];
-        if (knn_search((void *)s, m, q + h * m * s->dim, k, (const float *)(intptr_t)e[1], e[2], e[3],
-                       out_s + h * m * k, out_i + h * m * k, stats + h * 4))
+        if (knn_search((void *)s, m, q + h * m * s->dim, k, (const float *)(intptr_t)e[1],
+                       (const float *)(intptr_t)e[4], e[2], e[3], out_s + h * m * k, out_i + h * m * k,
+                       stats + h * 4))
             return -1;
     }
     return 0;

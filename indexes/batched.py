@@ -83,7 +83,7 @@ def search_many(
     m = queries.shape[1]
     split = split_queries(queries)  # [I, m, 2d]
     entries = [ivf.compiled_search_entry(sq) for ivf, sq in zip(ivfs, split, strict=True)]
-    table = np.array([row for row, _ in entries], dtype=np.int64)  # [I, 4]
+    table = np.array([row for row, _ in entries], dtype=np.int64)  # [I, 5]
     scores = torch.empty(len(ivfs), m, k, dtype=torch.float32)
     ids = torch.empty(len(ivfs), m, k, dtype=torch.int64)
     stats = np.zeros((len(ivfs), 4), dtype=np.int64)
@@ -103,7 +103,7 @@ def _compiled_add(table: np.ndarray, keys: torch.Tensor, codes: torch.Tensor) ->
 def _compiled_search(
     table: np.ndarray, queries: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, stats: np.ndarray
 ) -> None:
-    """The C search: ``queries`` [I, m, d] in the I indexes of ``table`` [I, 4], into ``scores`` and ``ids``
+    """The C search: ``queries`` [I, m, d] in the I indexes of ``table`` [I, 5], into ``scores`` and ``ids``
     [I, m, k] and ``stats`` [I, 4]."""
     heads, m, k = scores.shape
     if native.library().knn_search_heads(

@@ -26,12 +26,14 @@ The policy (:class:`GrowthPolicy`, every field a keyword of the ``"faiss"`` back
    exactly the value it had and the scores are exact inner products of the retrieved keys. Rebuilds
    read the keys back from the lists: no second copy is kept. A list's capacity grows by a quarter, so
    the lists hold at most ~25% unused room (``nbytes`` counts it).
-6. **Lists ranked by a bound, scanned until certain.** Lists are ranked per query by the largest
-   inner product their keys' bounding box allows (:mod:`indexes.bounded_ivf`), not by the centroid:
-   attention queries lie outside the keys' distribution. Every query scans ``nprobe`` lists (default
-   8), then goes on list by list while the next list's bound is above its k-th score, up to
-   ``max_nprobe`` lists (default 32), so most queries end with their exact top-k. See
-   ``benchmarks/README.md`` for the recall on the embedded model's own queries.
+6. **Lists ranked by their boxes, scanned until certain.** Lists are ranked per query by the inner
+   product their keys' bounding box allows once shrunk about its centre by ``rank_shrink`` (default
+   0.25; 1: the box's own bound), not by the centroid: attention queries lie outside the keys'
+   distribution, and the whole box's bound, which assumes a key at its far corner, ranks lists whose
+   keys do not come close to it (:mod:`indexes.bounded_ivf`). Every query scans ``nprobe`` lists
+   (default 8), then goes on list by list while some list it has not scanned has a bound (of the
+   whole box) above its k-th score, up to ``max_nprobe`` lists (default 32), so most queries end with
+   their exact top-k. See ``benchmarks/README.md`` for the recall on the embedded model's own queries.
 
 On CUDA the policy stays exact (a matmul + top-k over the keys in GPU memory is the fast path there).
 """
@@ -55,6 +57,7 @@ class GrowthPolicy:
     regrow_factor: float = 2.0
     nprobe: int = 8
     max_nprobe: int = 32
+    rank_shrink: float = 0.25
     train_per_list: int = 32
     max_train_sample: int = 65536
     niter: int = 10
@@ -67,6 +70,7 @@ class GrowthPolicy:
         check_float(self.regrow_factor, "regrow_factor", 1.0, 1024.0, low_open=True)
         check_int(self.nprobe, "nprobe", 1, 65536)
         check_int(self.max_nprobe, "max_nprobe", 1, 65536)
+        check_float(self.rank_shrink, "rank_shrink", 0.0, 1.0, low_open=True)
         check_int(self.train_per_list, "train_per_list", 1, 4096)
         check_int(self.max_train_sample, "max_train_sample", 1, INT32_MAX)
         check_int(self.niter, "niter", 1, 1000)

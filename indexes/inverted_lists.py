@@ -6,10 +6,10 @@ int32 here (4 bytes per key; a head's memory holds fewer than 2**31 keys). A lis
 a quarter when full, so lists hold at most ~25% unused room; :meth:`InvertedLists.nbytes` counts the
 capacity, not only the keys.
 
-:meth:`InvertedLists.scan` is the search: each query scans its lists in the order given (ranked by an
-upper bound of q·k over the list, :mod:`indexes.bounded_ivf`), keeping its k best inner products.
-After ``nprobe`` lists it stops as soon as the next list's bound is below its k-th score (no key left
-can enter its top-k, so the result is exact), and it scans at most ``cap`` lists.
+:meth:`InvertedLists.scan` is the search: each query scans its lists in the order given (ranked by
+:mod:`indexes.bounded_ivf`), keeping its k best inner products. After ``nprobe`` lists it stops as soon
+as the largest upper bound of q·k over the lists it has not scanned is below its k-th score (no key
+left can enter its top-k, so the result is exact), and it scans at most ``cap`` lists.
 
 The work is done by the compiled library (:mod:`indexes.native`) where it is built: a fused scan
 (decode + dot product + top-k candidates) that reads each code once, and once for all the queries of
@@ -151,12 +151,39 @@ class InvertedLists:
         return self._lists.scan(q, k, lists.contiguous(), bounds.contiguous(), min(nprobe, lists.shape[1]))
 
     def search(
-        self, q: np.ndarray, k: int, bound: torch.Tensor, cap: int, nprobe: int
+        self,
+        q: np.ndarray,
+        k: int,
+        bound: torch.Tensor | None,
+        cap: int,
+        nprobe: int,
+        rank: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
-        """:meth:`scan` of each query's ``cap`` lists of largest ``bound`` [m, nlist] float32, in that order,
-        the lower list first on equal bounds (the ranking is done in the same pass; 1 <= ``cap`` <= nlist)."""
+        """:meth:`scan` of each query's ``cap`` lists of largest ``rank`` [m, nlist] float32 (default: the
+        ``bound`` [m, nlist] float32 itself), in that order, the lower list first on equal values (the
+        ranking is done in the same pass; 1 <= ``cap`` <= nlist). With a ``rank``, the stop test at each
+        place compares the k-th score with the largest bound of the lists not yet scanned
+        (:func:`remaining_bounds`); ``bound`` may then be None where ``cap <= nprobe`` (no test is made)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
-        return self._lists.search(q, k, bound.contiguous(), cap, min(nprobe, cap))
+        if bound is None and (rank is None or cap > nprobe):
+            raise ValueError("InvertedLists.search needs the bound to stop a scan past nprobe lists")
+        bound = None if bound is None else bound.contiguous()
+        rank = None if rank is None else rank.contiguous()
+        return self._lists.search(q, k, bound, cap, min(nprobe, cap), rank)
+
+
+def remaining_bounds(bound: torch.Tensor | None, lists: torch.Tensor) -> torch.Tensor:
+    """For lists [m, cap] int64 in the order they are scanned, the largest ``bound`` [m, nlist] of the
+    lists not scanned before each place: [m, cap] (those at that place and after, and every list outside
+    the ``cap``); ``+inf`` everywhere without a bound. What the scan's stop test compares the k-th score
+    with when the lists are ranked by something other than their bound."""
+    m, cap = lists.shape
+    if bound is None:
+        return torch.full((m, cap), math.inf, dtype=torch.float32)
+    placed = torch.gather(bound, 1, lists)
+    after = torch.flip(torch.cummax(torch.flip(placed, [1]), dim=1).values, [1])
+    outside = bound.scatter(1, lists, -math.inf).amax(dim=1, keepdim=True)
+    return torch.maximum(after, outside)
 
 
 def _library() -> ctypes.CDLL | None:
@@ -226,8 +253,9 @@ class _NativeLists:
     def truncate(self, n: int) -> None:
         self._lib.knn_store_truncate(self._h, n)
 
-    def search(self, q, k, bound, cap, nprobe):
-        return self._call("search", self._lib.knn_search, q, k, _ptr(bound), cap, nprobe)
+    def search(self, q, k, bound, cap, nprobe, rank):
+        bp, rp = (0 if x is None else _ptr(x) for x in (bound, rank))
+        return self._call("search", self._lib.knn_search, q, k, bp, rp, cap, nprobe)
 
     def scan(self, q, k, lists, bounds, nprobe):
         return self._call("scan", self._lib.knn_scan, q, k, lists.shape[1], nprobe, _ptr(lists), _ptr(bounds))
@@ -311,9 +339,12 @@ class _PythonLists:
             ids = self._ids[l][: self._size[l]]
             self._size[l] = int(torch.searchsorted(ids, torch.tensor(n, dtype=torch.int32)))
 
-    def search(self, q, k, bound, cap, nprobe):
-        bounds, lists = torch.sort(bound, dim=1, descending=True, stable=True)  # lower list first on ties
-        return self.scan(q, k, lists[:, :cap].contiguous(), bounds[:, :cap].contiguous(), nprobe)
+    def search(self, q, k, bound, cap, nprobe, rank):
+        order = bound if rank is None else rank
+        bounds, lists = torch.sort(order, dim=1, descending=True, stable=True)  # lower list first on ties
+        lists = lists[:, :cap].contiguous()
+        bounds = bounds[:, :cap] if rank is None else remaining_bounds(bound, lists)
+        return self.scan(q, k, lists, bounds.contiguous(), nprobe)
 
     def scan(self, q, k, lists, bounds, nprobe):
         m, cap = lists.shape

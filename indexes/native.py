@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-VERSION = 8  # knn_version() of the C file this module was written for
+VERSION = 9  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ _SIGNATURES = {
     "knn_store_export": (None, [_P, _P, _P]),
     "knn_store_truncate": (None, [_P, _I]),
     "knn_scan": (ctypes.c_int, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _P]),
-    "knn_search": (ctypes.c_int, [_P, _I, _P, _I, _P, _I, _I, _P, _P, _P]),
+    "knn_search": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _I, _I, _P, _P, _P]),
     "knn_gather": (None, [_I, _P, _P, _P, _I, _I, _P, _I, _P]),
     "knn_weighted_gather": (None, [_I, _P, _P, _P, _I, _I, _I, _P, _P, _I, _I, _P]),
     "knn_assign": (ctypes.c_int, [_I, _I, _P, _I, _P, _P, _P]),

@@ -575,6 +575,7 @@ class StreamingIndex:
         if isinstance(index, BoundedIVF):
             index.nprobe = self._params_for(index)["nprobe"]
             index.max_nprobe = max(index.nprobe, self.policy.max_nprobe)
+            index.rank_shrink = self.policy.rank_shrink
         else:
             apply_search_params(index, self._params_for(index))
 

@@ -84,6 +84,8 @@ def test_policy_schedule_lists_and_sample():
             r"lists_per_sqrt must be a finite number in \(0.0, 1024.0\], got nan",
         ),
         ("max_lists", 2, ValueError, r"max_lists must be an int >= 16, got 2"),
+        ("rank_shrink", 0.0, ValueError, r"rank_shrink must be a finite number in \(0.0, 1.0\], got 0.0"),
+        ("rank_shrink", 1.5, ValueError, r"rank_shrink must be a finite number in \(0.0, 1.0\], got 1.5"),
     ],
 )
 def test_policy_refuses_bad_values(field, value, error, match):

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from indexes import native
-from indexes.bounded_ivf import BoundedIVF
-from indexes.inverted_lists import InvertedLists, key_bytes
+from indexes.bounded_ivf import BoundedIVF, shrunk_queries, split_queries
+from indexes.inverted_lists import InvertedLists, key_bytes, remaining_bounds
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ENGINES = ["python"] + ([f"native-{isa}" for isa in native.isas()])
@@ -375,3 +375,81 @@ def test_a_saved_state_is_checked_before_it_is_used():
         BoundedIVF.from_state({**state, "counts": state["counts"] * 2})
     with pytest.raises(ValueError, match="centroids contain NaN"):
         BoundedIVF.from_state({**state, "centroids": state["centroids"] * float("nan")})
+
+
+# ---------------------------------------------------------------------- lists ranked by another key
+def test_remaining_bounds_is_the_largest_bound_not_yet_scanned():
+    g = torch.Generator().manual_seed(8)
+    bound = torch.randn(5, 30, generator=g)
+    lists = torch.stack([torch.randperm(30, generator=g)[:7] for _ in range(5)])
+    got = remaining_bounds(bound, lists)
+    for i in range(5):
+        for j in range(7):
+            scanned = set(lists[i, :j].tolist())
+            want = max(float(bound[i, l]) for l in range(30) if l not in scanned)
+            assert float(got[i, j]) == want
+    assert bool(torch.isinf(remaining_bounds(None, lists)).all())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_search_by_a_rank_scans_in_rank_order_and_stops_on_the_remaining_bound(engine):
+    """With a rank, the lists are scanned in the rank's order (of equal ranks the lower list first) and the
+    stop test compares the k-th score with the largest bound of the lists left, so that a scan stopped
+    early is still exact: the same as :meth:`scan` over that order with those bounds, on every engine."""
+    g = torch.Generator().manual_seed(4)
+    owner = torch.randint(0, 40, (3000,), generator=g)
+    keys = (
+        (torch.randn(40, 16, generator=g) * 4)[owner] + 0.3 * torch.randn(3000, 16, generator=g)
+    ).bfloat16()
+    lists = make(engine, 40, 16, torch.bfloat16)
+    lists.add(keys, owner, torch.arange(3000))  # clusters: tight boxes, so scans can stop early
+    q = torch.randn(17, 16, generator=g) * 3
+    hi = torch.full((40, 16), -1e30).scatter_reduce(0, owner[:, None].expand(-1, 16), keys.float(), "amax")
+    lo = torch.full((40, 16), 1e30).scatter_reduce(0, owner[:, None].expand(-1, 16), keys.float(), "amin")
+    bound = q.clamp_min(0) @ hi.T + q.clamp_max(0) @ lo.T  # true bounds
+    rank = torch.randn(17, 40, generator=g)  # an order that has nothing to do with them
+    rank[:, 5] = rank[:, 6] = 9.0  # a tie: list 5 first
+    exact = torch.topk(q @ keys.float().T, 9, dim=1)
+    for cap, nprobe in ((40, 1), (40, 3), (12, 3), (8, 8)):
+        order = torch.sort(rank, dim=1, descending=True, stable=True).indices[:, :cap].contiguous()
+        assert bool((order[:, :2] == torch.tensor([5, 6])).all())
+        want = lists.scan(q.numpy(), 9, order, remaining_bounds(bound, order), nprobe)
+        got = lists.search(q.numpy(), 9, bound if cap > nprobe else None, cap, nprobe, rank)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[2] == want[2]
+        if cap == 40:  # every query either stopped certain or scanned every list: exact
+            torch.testing.assert_close(torch.from_numpy(got[0]), exact.values, atol=1e-5, rtol=1e-5)
+            if nprobe == 1:
+                assert got[2][0] < 17 * 40  # some stopped early
+    with pytest.raises(ValueError, match="needs the bound"):
+        lists.search(q.numpy(), 9, None, 12, 3, rank)
+
+
+@pytest.mark.parametrize("shrink", [1.0, 0.25, 0.01])
+def test_bounded_ivf_ranked_by_a_shrunk_box_is_exact_with_every_list_allowed(shrink):
+    """However the lists are ranked, a query that may scan every list ends exact (certain or complete);
+    with shrink 1 the rank is the bound itself."""
+    g = torch.Generator().manual_seed(9)
+    keys = (torch.randn(4000, 12, generator=g) * torch.linspace(0.2, 3, 12)).bfloat16().float()
+    ivf = BoundedIVF.build(keys.numpy(), keys[:2000].numpy(), 30, torch.bfloat16, niter=5)
+    ivf.nprobe, ivf.max_nprobe, ivf.rank_shrink = 2, 30, shrink
+    q = torch.randn(25, 12, generator=g) * 2
+    scores, _ = ivf.search(q.numpy(), 10)
+    torch.testing.assert_close(
+        torch.from_numpy(scores), torch.topk(q @ keys.T, 10).values, atol=1e-4, rtol=1e-5
+    )
+    assert ivf.stats["lists_scanned"] < 25 * 30  # the certificate stopped some before the last list
+    # the shrunk box's bound, from the stored bounds in one matmul, is that of the box shrunk about its centre
+    centre, half = (ivf.hi + ivf.lo) / 2, (ivf.hi - ivf.lo) / 2
+    want = q.clamp_min(0) @ (centre + shrink * half).T + q.clamp_max(0) @ (centre - shrink * half).T
+    got = shrunk_queries(split_queries(q), shrink) @ ivf.bounds.T
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-5)
+
+
+def test_rank_shrink_survives_clone_pickle_and_deepcopy():
+    keys = torch.randn(2000, 8, generator=torch.Generator().manual_seed(1))
+    ivf = BoundedIVF.build(keys.numpy(), keys.numpy(), 16, torch.float32, niter=3)
+    ivf.nprobe, ivf.max_nprobe, ivf.rank_shrink = 3, 6, 0.3
+    for other in (ivf.clone(), pickle.loads(pickle.dumps(ivf)), copy.deepcopy(ivf)):
+        assert (other.nprobe, other.max_nprobe, other.rank_shrink) == (3, 6, 0.3)
