@@ -624,20 +624,23 @@ def _policy_section(folder: Path) -> list[str]:
         "against exact dense memory. *tie-aware* recall counts a retrieved key as a hit when it scores at "
         "least the exact k-th score (a repeated text makes many keys equal, and plain recall then counts "
         "an equal key as a miss). *lists/query* and *keys scanned* are what the searches actually read: "
-        "each query scans `nprobe` lists, then twice as many while a list it has not scanned could still "
-        "hold a better key, up to `max_nprobe` (*capped*: queries that reached it). *mass* is the share "
-        "of the exact memory softmax held by the retrieved keys (low for every top-32 here: these "
-        "queries spread their attention over thousands of keys).",
+        "each query scans `nprobe` lists, then goes on list by list while a list it has not scanned could "
+        "still hold a better key, up to `max_nprobe` (*capped*: queries that reached it). *rank* is the "
+        "policy's `rank_shrink`: lists are ranked by the bound of their box shrunk about its centre by it "
+        "(1: the box's own bound; rows without it were measured before the shrunk ranking, with 1). "
+        "*mass* is the share of the exact memory softmax held by the retrieved keys (low for every top-32 "
+        "here: these queries spread their attention over thousands of keys).",
         "",
-        "| capture | layer | keys N | lists L | nprobe | max_nprobe | recall@k | tie-aware | mass | "
+        "| capture | layer | keys N | lists L | nprobe | max_nprobe | rank | recall@k | tie-aware | mass | "
         "lists/query | keys scanned | capped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in runs:
         for r in json.loads(path.read_text()):
             lines.append(
                 f"| {path.stem} | {r['layer']} | {format_size(r['keys'])} | {r['lists']} | {r['nprobe']} | "
-                f"{r.get('max_nprobe', '-')} | {r['recall_mean']:.3f} | {_f(r.get('tie_recall_mean'), '.3f')} | "
+                f"{r.get('max_nprobe', '-')} | {r.get('rank_shrink', '-')} | {r['recall_mean']:.3f} | "
+                f"{_f(r.get('tie_recall_mean'), '.3f')} | "
                 f"{r['mass_recall_mean']:.4f} | {_f(r.get('lists_per_query'), '.1f')} | "
                 f"{100 * r['scanned_fraction']:.2f}% | {_f(100 * r.get('capped_fraction', 0), '.1f')}% |"
             )

@@ -21,8 +21,8 @@ The bound is loose: it assumes a key at the box's far corner, which no key is. S
 
 (the same one matmul, with the queries transformed: :func:`shrunk_queries`). On the embedded model's
 own queries at 512k keys this finds far more of the exact top-32 in the same number of lists: at 8
-lists, tie-aware recall@32 0.87 -> 0.98 and 0.67 -> 0.95 for the two memory layers; with up to 32,
-0.96 -> 1.00 and 0.93 -> 0.995 (``benchmarks/README.md``).
+lists, tie-aware recall@32 0.855 -> 0.982 and 0.657 -> 0.936 for the two memory layers; with up to
+32, 0.958 -> 0.999 and 0.915 -> 0.994 (``benchmarks/results/rank_shrink/``).
 
 The bound still says when to stop: once a query's k-th best score so far exceeds the largest bound of
 the lists it has not scanned, no unscanned key can enter its top-k, and its result is exact.
