@@ -720,6 +720,19 @@ static void scan_query(const knn_store *s, knn_scratch *w, knn_topk *t, const fl
 #ifdef KNN_X86
 #define KNN_GROUP 8    /* queries scored together against one block (16 or 8 accumulators) */
 #define KNN_PREFETCH 4 /* blocks ahead that the first pass over a list prefetches */
+/* CALL(n) with the group size G (1 .. KNN_GROUP) as the constant n: a kernel compiled per size keeps
+ * its accumulators in registers */
+#define KNN_EACH_GROUP_SIZE(G, CALL) \
+    switch (G) {                     \
+        case 1: CALL(1); break;      \
+        case 2: CALL(2); break;      \
+        case 3: CALL(3); break;      \
+        case 4: CALL(4); break;      \
+        case 5: CALL(5); break;      \
+        case 6: CALL(6); break;      \
+        case 7: CALL(7); break;      \
+        default: CALL(KNN_GROUP);    \
+    }
 
 /* Scores of one block for G queries (pointers to their padded vectors): each row is loaded once.
  * `width` 2 (bfloat16) or 1; G and width are constants at every call, so the accumulators stay in
@@ -772,6 +785,24 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), noinline)) static void take_
     topk_settle(t);
 }
 
+/* The lanes of sc [G] above each query's threshold thr [G] (`lanes`: the valid ones) into the queries'
+ * reservoirs t [G]; ids [16] of the block. */
+KNN_AVX512 void take_above(const int G, const __m512 *sc, float *thr, uint32_t lanes, const int32_t *ids,
+                           knn_topk *const *t, int64_t *stats) {
+    uint32_t masks[KNN_GROUP], any = 0;
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+        masks[g] = (uint32_t)_mm512_cmp_ps_mask(sc[g], _mm512_set1_ps(thr[g]), _CMP_GT_OQ) & lanes;
+        any |= masks[g];
+    }
+    if (!any) return;
+    for (int g = 0; g < G; g++) {
+        if (!masks[g]) continue;
+        take_lanes(t[g], sc[g], ids, masks[g], stats);
+        thr[g] = t[g]->thr;
+    }
+}
+
 /* Every block of list li for G queries qv [G] (reservoirs t [G]): the lanes above a query's threshold
  * of the moment become its candidates. Scores are stored only for a block where some lane is above.
  * `prefetch`: the list is not yet in cache (the first pass over it) and blocks ahead are fetched. */
@@ -790,18 +821,7 @@ KNN_AVX512 void list_multi(const knn_store *s, const knn_list *li, const float *
         block_multi(s, qv, G, width, block, sc);
         const int64_t valid = li->size - b * KNN_LANES;
         const uint32_t lanes = valid < KNN_LANES ? (1u << valid) - 1u : 0xffffu;
-        uint32_t masks[KNN_GROUP], any = 0;
-#pragma GCC unroll 8
-        for (int g = 0; g < G; g++) {
-            masks[g] = (uint32_t)_mm512_cmp_ps_mask(sc[g], _mm512_set1_ps(thr[g]), _CMP_GT_OQ) & lanes;
-            any |= masks[g];
-        }
-        if (!any) continue;
-        for (int g = 0; g < G; g++) {
-            if (!masks[g]) continue;
-            take_lanes(t[g], sc[g], li->ids + b * KNN_LANES, masks[g], stats);
-            thr[g] = t[g]->thr;
-        }
+        take_above(G, sc, thr, lanes, li->ids + b * KNN_LANES, t, stats);
     }
 }
 
@@ -815,16 +835,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void scan_group(cons
         list_multi(s, li, qv, n, 2, t, prefetch, stats);    \
     else                                                    \
         list_multi(s, li, qv, n, 1, t, prefetch, stats)
-    switch (G) {
-        case 1: KNN_CALL(1); break;
-        case 2: KNN_CALL(2); break;
-        case 3: KNN_CALL(3); break;
-        case 4: KNN_CALL(4); break;
-        case 5: KNN_CALL(5); break;
-        case 6: KNN_CALL(6); break;
-        case 7: KNN_CALL(7); break;
-        default: KNN_CALL(KNN_GROUP);
-    }
+    KNN_EACH_GROUP_SIZE(G, KNN_CALL);
 #undef KNN_CALL
 }
 #endif
@@ -980,24 +991,6 @@ KNN_AVX512 void pair_multi(const knn_store *s, const float *const *qv, const int
     for (int g = 0; g < G; g++) out0[g] = a0[g], out1[g] = a1[g];
 }
 
-/* The lanes of sc [G] above each query's threshold thr [G] (`lanes`: the valid ones) into the queries'
- * reservoirs t [G]; ids [16] of the block. */
-KNN_AVX512 void take_above(const int G, const __m512 *sc, float *thr, uint32_t lanes, const int32_t *ids,
-                           knn_topk *const *t, int64_t *stats) {
-    uint32_t masks[KNN_GROUP], any = 0;
-#pragma GCC unroll 8
-    for (int g = 0; g < G; g++) {
-        masks[g] = (uint32_t)_mm512_cmp_ps_mask(sc[g], _mm512_set1_ps(thr[g]), _CMP_GT_OQ) & lanes;
-        any |= masks[g];
-    }
-    if (!any) return;
-    for (int g = 0; g < G; g++) {
-        if (!masks[g]) continue;
-        take_lanes(t[g], sc[g], ids, masks[g], stats);
-        thr[g] = t[g]->thr;
-    }
-}
-
 /* Every block of a packed tile li for G queries, two blocks at a time (a last odd block is scored as
  * the pair of itself, so a key's score never depends on its place). */
 KNN_AVX512 void tile_multi(const knn_store *s, const knn_list *li, const float *const *qv, const int G,
@@ -1028,16 +1021,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void tile_group(cons
         tile_multi(s, li, qv, n, 2, t, stats);     \
     else                                           \
         tile_multi(s, li, qv, n, 1, t, stats)
-    switch (G) {
-        case 1: KNN_CALL(1); break;
-        case 2: KNN_CALL(2); break;
-        case 3: KNN_CALL(3); break;
-        case 4: KNN_CALL(4); break;
-        case 5: KNN_CALL(5); break;
-        case 6: KNN_CALL(6); break;
-        case 7: KNN_CALL(7); break;
-        default: KNN_CALL(KNN_GROUP);
-    }
+    KNN_EACH_GROUP_SIZE(G, KNN_CALL);
 #undef KNN_CALL
 }
 #endif
@@ -1096,14 +1080,14 @@ static void sort_desc_stable(float *s, int32_t *id, int64_t n, float *tmp_s, int
 }
 
 /* The exact top-k by inner product of each of the m queries q [m, dim] float32 over the keys of
- * `nchunks` chunks (chunk c: counts[c] keys [counts[c], dim] row-major at bases[c], elements of `kind`;
- * ids count on from chunk to chunk, at most INT32_MAX keys in all). Scores and ids [m, k] best first; of
+ * `nchunks` chunks (chunk c: keys starts[c] .. starts[c + 1] - 1, [starts[c + 1] - starts[c], dim]
+ * row-major at bases[c], elements of `kind`; the ids are those positions, at most INT32_MAX in all). Scores and ids [m, k] best first; of
  * scores tied at the k-th place, the earliest keys, and equal scores in id order; empty slots -inf / -1.
  * Keys whose score is -inf (or NaN) are never returned. Each score is a float32 sum over the elements,
  * in an order of its own (not a matmul's: the last bits may differ from one).
  * Returns 0, 1 when not done (the CPU lacks AVX-512: the caller scores by matmul), or -1 out of memory. */
 int knn_exact(int64_t m, int64_t dim, int64_t kind, const float *q, int64_t nchunks, const uint8_t *const *bases,
-              const int64_t *counts, int64_t k, float *out_s, int64_t *out_i) {
+              const int64_t *starts, int64_t k, float *out_s, int64_t *out_i) {
 #ifdef KNN_X86
     if (knn_isa() != ISA_AVX512) return 1;
     knn_store s = {0};
@@ -1124,9 +1108,10 @@ int knn_exact(int64_t m, int64_t dim, int64_t kind, const float *q, int64_t nchu
     }
     int64_t stats[4] = {0};
     const int64_t groups = (m + KNN_GROUP - 1) / KNN_GROUP;
-    for (int64_t c = 0, first = 0; rc == 0 && c < nchunks; first += counts[c], c++) {
-        for (int64_t t0 = 0; t0 < counts[c]; t0 += EXACT_TILE) {
-            const int64_t nk = counts[c] - t0 < EXACT_TILE ? counts[c] - t0 : EXACT_TILE;
+    for (int64_t c = 0; rc == 0 && c < nchunks; c++) {
+        const int64_t first = starts[c], count = starts[c + 1] - starts[c];
+        for (int64_t t0 = 0; t0 < count; t0 += EXACT_TILE) {
+            const int64_t nk = count - t0 < EXACT_TILE ? count - t0 : EXACT_TILE;
             pack_tile(&s, bases[c] + t0 * dim * es, nk, tile);
             for (int64_t j = 0; j < nk; j++) ids[j] = (int32_t)(first + t0 + j);
             const knn_list li = {nk, EXACT_TILE, (uint16_t *)tile, ids};
@@ -1164,7 +1149,7 @@ int knn_exact(int64_t m, int64_t dim, int64_t kind, const float *q, int64_t nchu
     free(ids);
     return rc;
 #else
-    (void)m, (void)dim, (void)kind, (void)q, (void)nchunks, (void)bases, (void)counts, (void)k, (void)out_s,
+    (void)m, (void)dim, (void)kind, (void)q, (void)nchunks, (void)bases, (void)starts, (void)k, (void)out_s,
         (void)out_i;
     return 1;
 #endif

@@ -235,18 +235,16 @@ _split_pool: list[ThreadPoolExecutor] = []  # the threads of a split exact searc
 _split_size = [0]
 
 
-def _exact_part(lib, views, q, k, first: int, rows: int, scores, ids) -> int:
-    dim = q.shape[1]
-    bases = (ctypes.c_void_p * len(views))(*[v.data_ptr() for v in views])
-    counts = (ctypes.c_int64 * len(views))(*[v.shape[0] for v in views])
+def _exact_part(lib, table, kind: int, q, k, first: int, rows: int, scores, ids) -> int:
+    count, bases, starts, _ = table
     return lib.knn_exact(
         rows,
-        dim,
-        _KINDS[str(views[0].dtype)],
+        q.shape[1],
+        kind,
         q[first].data_ptr(),
-        len(views),
+        count,
         bases,
-        counts,
+        starts,
         k,
         scores[first].data_ptr(),
         ids[first].data_ptr(),
@@ -283,27 +281,22 @@ def exact_top_k(
         or q.dim() != 2
         or not q.is_contiguous()
         or q.shape[0] == 0
+        or any(v.dim() != 2 or v.shape[1] != q.shape[1] for v in views)
     ):
         return None
-    dim, dtype = q.shape[1], views[0].dtype
-    if any(
-        v.device.type != "cpu"
-        or v.dtype != dtype
-        or v.dim() != 2
-        or v.shape[1] != dim
-        or not v.is_contiguous()
-        for v in views
-    ):
+    table = _chunk_table([v[None] for v in views], 1)  # as one head: the chunks' layout checked there
+    if table is None:
         return None
-    n = sum(v.shape[0] for v in views)
+    n = table[2][table[0]]
     if n == 0 or n > 2**31 - 1:
         return None
+    kind = _KINDS[str(views[0].dtype)]
     m = q.shape[0]
     scores = torch.empty(m, k, dtype=torch.float32)
     ids = torch.empty(m, k, dtype=torch.int64)
-    parts = max(1, min(threads, m // 32, (m * n * dim) // EXACT_SPLIT_WORK))
+    parts = max(1, min(threads, m // 32, (m * n * q.shape[1]) // EXACT_SPLIT_WORK))
     if parts == 1:
-        rc = _exact_part(lib, views, q, k, 0, m, scores, ids)
+        rc = _exact_part(lib, table, kind, q, k, 0, m, scores, ids)
     else:
         with _lock:  # a pool of its own: its tasks are leaves (C calls), so none waits on another
             if not _split_pool or _split_size[0] < parts:
@@ -314,7 +307,7 @@ def exact_top_k(
             pool = _split_pool[0]
         bounds = [m * i // parts for i in range(parts + 1)]
         futures = [
-            pool.submit(_exact_part, lib, views, q, k, a, b - a, scores, ids)
+            pool.submit(_exact_part, lib, table, kind, q, k, a, b - a, scores, ids)
             for a, b in itertools.pairwise(bounds)
         ]
         codes = [f.result() for f in futures]

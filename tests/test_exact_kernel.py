@@ -91,7 +91,7 @@ def test_split_over_threads_gives_the_same_result(monkeypatch):
     q = torch.randn(130, 24, generator=g)
     calls = []
     real = native._exact_part
-    monkeypatch.setattr(native, "_exact_part", lambda *a: calls.append(a[5]) or real(*a))
+    monkeypatch.setattr(native, "_exact_part", lambda *a: calls.append(a[6]) or real(*a))
     one = native.exact_top_k([keys], q, 16, threads=1)
     assert calls == [130]
     calls.clear()
