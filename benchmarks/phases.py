@@ -115,7 +115,7 @@ def instrumented(timers: Timers, head_dim: int):
         n = keys.shape[0] * keys.shape[1] * keys.shape[2]
         return n * (2 * d * self.mem_dtype.itemsize + 4)
 
-    def build_work(self):  # k-means over the sample + assigning every key: FLOP
+    def build_work(self, threads=1):  # k-means over the sample + assigning every key: FLOP
         if self.policy is None:
             return 0.0
         lists = self.policy.lists_for(self.ntotal)

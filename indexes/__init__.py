@@ -4,7 +4,7 @@ Knows nothing of attention, heads or models. Every public call validates its inp
 Faiss assertion aborts the process instead of raising.
 """
 
-from indexes.batched import add_many, search_many
+from indexes.batched import add_many, all_compiled, search_many
 from indexes.chunked import ChunkedTensor
 from indexes.gpu import MAX_GPU_K, MAX_GPU_NPROBE, faiss_has_gpu, parse_device
 from indexes.growth import AUTO, GrowthPolicy
@@ -23,6 +23,7 @@ __all__ = [
     "KeyIndex",
     "StreamingIndex",
     "add_many",
+    "all_compiled",
     "check_k",
     "check_key_index",
     "default_threads",

@@ -38,7 +38,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 9
+#define KNN_VERSION 10
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -1557,12 +1557,26 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void assign_avx512(c
 }
 #endif
 
+/* The threads a call over `items` items (heads, parts of keys) asked for `threads` runs on: at most one
+ * per item; 1 without OpenMP. */
+static int64_t split_threads(int64_t items, int64_t threads) {
+#ifdef _OPENMP
+    return threads < items ? threads : items;
+#else
+    (void)items;
+    (void)threads;
+    return 1;
+#endif
+}
+
 /* The nearest centroid (L2) of each key of x [n, d]: out[i] = argmin_l half_norms[l] - x_i . c_l (the
  * first on ties). The centroids come transposed, ct [d, lp] with lp a multiple of ASSIGN_LANES, and
  * half_norms [lp] is +inf in the padding columns. Dot products are summed in float32 over i in order
  * (with fused multiply-adds where the CPU has AVX2: a key within rounding of two centroids may go to
- * either, depending on the instruction set). Returns 0, or -1 when out of memory. */
-int knn_assign(int64_t n, int64_t d, const float *x, int64_t lp, const float *ct, const float *hn, int64_t *out) {
+ * either, depending on the instruction set). Returns 0, or -1 when out of memory.
+ * (knn_assign() below, on one thread.) */
+static int assign_range(int64_t n, int64_t d, const float *x, int64_t lp, const float *ct, const float *hn,
+                        int64_t *out) {
     float *xb = (float *)calloc((size_t)(ASSIGN_KEYS_512 * d), sizeof(float));
     if (!xb) return -1;
     const int isa = knn_isa();
@@ -1587,24 +1601,40 @@ int knn_assign(int64_t n, int64_t d, const float *x, int64_t lp, const float *ct
     return 0;
 }
 
+/* Keys per thread below which knn_assign() does not split its keys over threads. */
+#define ASSIGN_SPLIT_KEYS 4096
+
+/* As above, with the keys cut into up to `threads` contiguous parts of at least ASSIGN_SPLIT_KEYS, one per
+ * thread, where the library is built with OpenMP: each key's centroid is the same either way. */
+int knn_assign(int64_t n, int64_t d, const float *x, int64_t lp, const float *ct, const float *hn, int64_t *out,
+               int64_t threads) {
+    const int64_t parts = split_threads(n / ASSIGN_SPLIT_KEYS, threads);
+    if (parts <= 1) return assign_range(n, d, x, lp, ct, hn, out);
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads((int)parts) schedule(static, 1) reduction(| : failed)
+#endif
+    for (int64_t p = 0; p < parts; p++) {
+        const int64_t first = n * p / parts, count = n * (p + 1) / parts - first;
+        failed |= assign_range(count, d, x + first * d, lp, ct, hn, out + first) != 0;
+    }
+    return failed ? -1 : 0;
+}
+
 /* ------------------------------------------------------------------ every head of a row at once */
 
-/* Add n keys to each of `heads` stores: keys [heads, n, dim] float32 and codes [heads, n, dim] of the
- * stores' kind (the same keys). Row h of table [heads, 7] is (store, ct, half norms, lp, bounds, counts,
- * first id) of head h, as knn_assign() and knn_store_add_boxed() take them; its keys get ids first id,
- * first id + 1, ... Every store has the same dim and kind. Returns 0, or -1 out of memory (heads before
- * the failing one hold their keys). */
-int knn_add_heads(int64_t heads, const int64_t *table, int64_t n, const float *keys, const void *codes) {
-    if (heads <= 0 || n <= 0) return 0;
-    const knn_store *first = (const knn_store *)(intptr_t)table[0];
-    const int64_t d = first->dim, code_bytes = n * d * elem_size(first->kind);
+/* Heads first .. first + count - 1 of knn_add_heads() (its arguments), one after the other. */
+static int add_heads_range(int64_t first, int64_t count, const int64_t *table, int64_t n, const float *keys,
+                           const void *codes) {
+    const knn_store *s = (const knn_store *)(intptr_t)table[0];
+    const int64_t d = s->dim, code_bytes = n * d * elem_size(s->kind);
     int64_t *lists = (int64_t *)malloc((size_t)n * sizeof(int64_t));
     int64_t *ids = (int64_t *)malloc((size_t)n * sizeof(int64_t));
     int rc = lists && ids ? 0 : -1;
-    for (int64_t h = 0; h < heads && !rc; h++) {
+    for (int64_t h = first; h < first + count && !rc; h++) {
         const int64_t *e = table + h * 7;
         const float *x = keys + h * n * d;
-        rc = knn_assign(n, d, x, e[3], (const float *)(intptr_t)e[1], (const float *)(intptr_t)e[2], lists);
+        rc = knn_assign(n, d, x, e[3], (const float *)(intptr_t)e[1], (const float *)(intptr_t)e[2], lists, 1);
         if (rc) break;
         for (int64_t r = 0; r < n; r++) ids[r] = e[6] + r;
         rc = knn_store_add_boxed((void *)(intptr_t)e[0], n, (const uint8_t *)codes + h * code_bytes, lists, ids,
@@ -1615,12 +1645,10 @@ int knn_add_heads(int64_t heads, const int64_t *table, int64_t n, const float *k
     return rc;
 }
 
-/* knn_search() for each of `heads` stores: queries q [heads, m, dim], results out_s, out_i [heads, m, k]
- * and stats [heads, 4]. Row h of table [heads, 5] is (store, bound [m, nlist of that store] or 0, cap,
- * nprobe, rank [m, nlist] or 0) of head h. Returns 0, or -1 out of memory. */
-int knn_search_heads(int64_t heads, const int64_t *table, int64_t m, const float *q, int64_t k, float *out_s,
-                     int64_t *out_i, int64_t *stats) {
-    for (int64_t h = 0; h < heads; h++) {
+/* Heads first .. first + count - 1 of knn_search_heads() (its arguments), one after the other. */
+static int search_heads_range(int64_t first, int64_t count, const int64_t *table, int64_t m, const float *q,
+                              int64_t k, float *out_s, int64_t *out_i, int64_t *stats) {
+    for (int64_t h = first; h < first + count; h++) {
         const int64_t *e = table + h * 5;
         const knn_store *s = (const knn_store *)(intptr_t)e[0];
         if (knn_search((void *)s, m, q + h * m * s->dim, k, (const float *)(intptr_t)e[1],
@@ -1629,6 +1657,58 @@ int knn_search_heads(int64_t heads, const int64_t *table, int64_t m, const float
             return -1;
     }
     return 0;
+}
+
+/* Add n keys to each of `heads` stores: keys [heads, n, dim] float32 and codes [heads, n, dim] of the
+ * stores' kind (the same keys). Row h of table [heads, 7] is (store, ct, half norms, lp, bounds, counts,
+ * first id) of head h, as knn_assign() and knn_store_add_boxed() take them; its keys get ids first id,
+ * first id + 1, ... Every store has the same dim and kind. With threads > 1 (built with OpenMP) the heads
+ * are cut into that many contiguous groups, one per thread; each head's add is the same as on one thread.
+ * Returns 0, or -1 out of memory (other heads may hold their keys). */
+int knn_add_heads(int64_t heads, const int64_t *table, int64_t n, const float *keys, const void *codes,
+                  int64_t threads) {
+    if (heads <= 0 || n <= 0) return 0;
+    const int64_t parts = split_threads(heads, threads);
+    if (parts <= 1) return add_heads_range(0, heads, table, n, keys, codes);
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads((int)parts) schedule(static, 1) reduction(| : failed)
+#endif
+    for (int64_t p = 0; p < parts; p++) {
+        const int64_t first = heads * p / parts, count = heads * (p + 1) / parts - first;
+        failed |= add_heads_range(first, count, table, n, keys, codes) != 0;
+    }
+    return failed ? -1 : 0;
+}
+
+/* knn_search() for each of `heads` stores: queries q [heads, m, dim], results out_s, out_i [heads, m, k]
+ * and stats [heads, 4]. Row h of table [heads, 5] is (store, bound [m, nlist of that store] or 0, cap,
+ * nprobe, rank [m, nlist] or 0) of head h. With threads > 1 (built with OpenMP) the heads are cut into
+ * that many contiguous groups, one per thread; each head's search is the same as on one thread. Returns
+ * 0, or -1 out of memory. */
+int knn_search_heads(int64_t heads, const int64_t *table, int64_t m, const float *q, int64_t k, float *out_s,
+                     int64_t *out_i, int64_t *stats, int64_t threads) {
+    const int64_t parts = split_threads(heads, threads);
+    if (parts <= 1) return search_heads_range(0, heads, table, m, q, k, out_s, out_i, stats);
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads((int)parts) schedule(static, 1) reduction(| : failed)
+#endif
+    for (int64_t p = 0; p < parts; p++) {
+        const int64_t first = heads * p / parts, count = heads * (p + 1) / parts - first;
+        failed |= search_heads_range(first, count, table, m, q, k, out_s, out_i, stats) != 0;
+    }
+    return failed ? -1 : 0;
+}
+
+/* 1 where this library was built with OpenMP (knn_add_heads() and knn_search_heads() can split their
+ * heads over threads), else 0. */
+int knn_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* ------------------------------------------------------------------ top-k of score rows */

@@ -25,6 +25,14 @@ from indexes.protocol import KeyIndex
 from indexes.select import top_k
 from indexes.streaming import SELECT_SCORES, StreamingIndex, pad_to_k, score_buffer
 
+SPLIT_WORK = 1 << 21  # multiply-adds of a compiled add or search per thread it may split over
+
+
+def all_compiled(indexes: Sequence[KeyIndex]) -> bool:
+    """Whether every one of ``indexes`` is an ``"auto"`` index past its exact phase, which
+    :func:`add_many` and :func:`search_many` take in one compiled call (split over threads by index)."""
+    return _compiled(indexes) is not None
+
 
 def _compiled(indexes: Sequence[KeyIndex]) -> list[BoundedIVF] | None:
     """The compiled ``"auto"`` index of each of ``indexes``, or None unless every one has one."""
@@ -37,13 +45,14 @@ def _compiled(indexes: Sequence[KeyIndex]) -> list[BoundedIVF] | None:
     return out
 
 
-def add_many(indexes: Sequence[KeyIndex], keys: torch.Tensor) -> None:
+def add_many(indexes: Sequence[KeyIndex], keys: torch.Tensor, threads: int = 1) -> None:
     """Add ``keys[i]`` to ``indexes[i]`` for every i.
 
     Args:
         indexes: the indexes (any :class:`indexes.KeyIndex`).
         keys: [len(indexes), n, d] float32, finite, contiguous, on the indexes' device (validated by
             the caller, as :meth:`KeyIndex.add_checked` takes them).
+        threads: threads the compiled call may split the indexes over (``SPLIT_WORK`` each at least).
     """
     ivfs = _compiled(indexes) if len(indexes) > 1 and keys.shape[1] else None
     if ivfs is None or len({ivf.lists.dtype for ivf in ivfs}) != 1:
@@ -53,13 +62,14 @@ def add_many(indexes: Sequence[KeyIndex], keys: torch.Tensor) -> None:
     table = np.array([ivf.compiled_add_entry() for ivf in ivfs], dtype=np.int64)  # [I, 7]
     codes = keys.to(ivfs[0].lists.dtype)  # [I, n, d]
     n = keys.shape[1]
-    _compiled_add(table, keys, codes)
+    work = n * keys.shape[2] * sum(ivf.nlist for ivf in ivfs)  # the assignment's matmul
+    _compiled_add(table, keys, codes, _parts(len(ivfs), work, threads))
     for ix, ivf in zip(indexes, ivfs, strict=True):
-        ix.added_to(ivf, n)
+        ix.added_to(ivf, n, threads)
 
 
 def search_many(
-    indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int
+    indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int, threads: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Search ``indexes[i]`` with ``queries[i]`` for every i.
 
@@ -67,6 +77,7 @@ def search_many(
         indexes: the indexes (any :class:`indexes.KeyIndex`).
         queries: [len(indexes), m, d] float32, finite, contiguous, on the indexes' device (validated).
         k: neighbours per query, >= 1 (validated).
+        threads: threads the compiled call may split the indexes over (``SPLIT_WORK`` each at least).
 
     Returns:
         scores [len(indexes), m, k] float32 and ids [len(indexes), m, k] int64, as each index's
@@ -87,24 +98,38 @@ def search_many(
     scores = torch.empty(len(ivfs), m, k, dtype=torch.float32)
     ids = torch.empty(len(ivfs), m, k, dtype=torch.int64)
     stats = np.zeros((len(ivfs), 4), dtype=np.int64)
-    _compiled_search(table, queries, scores, ids, stats)
+    work = m * queries.shape[2] * sum(ivf.ntotal * ivf.nprobe // ivf.nlist for ivf in ivfs)  # first lists
+    _compiled_search(table, queries, scores, ids, stats, _parts(len(ivfs), work, threads))
     for ivf, row in zip(ivfs, stats.tolist(), strict=True):
         ivf.searched(m, row)
     return scores, ids
 
 
-def _compiled_add(table: np.ndarray, keys: torch.Tensor, codes: torch.Tensor) -> None:
-    """The C add: ``keys`` [I, n, d] float32 and their ``codes`` into the I indexes of ``table`` [I, 7]."""
+def _parts(heads: int, work: int, threads: int) -> int:
+    """Pieces to split a compiled call over ``heads`` indexes into: one per ``SPLIT_WORK`` of its
+    ``work`` (multiply-adds), at most one per index and ``threads``; one where the library cannot split
+    (:func:`indexes.native.split_threads`)."""
+    return max(1, min(heads, native.split_threads(threads), work // SPLIT_WORK))
+
+
+def _compiled_add(table: np.ndarray, keys: torch.Tensor, codes: torch.Tensor, parts: int) -> None:
+    """The C add: ``keys`` [I, n, d] float32 and their ``codes`` into the I indexes of ``table`` [I, 7],
+    split by index over ``parts`` threads."""
     heads, n = keys.shape[0], keys.shape[1]
-    if native.library().knn_add_heads(heads, table.ctypes.data, n, keys.data_ptr(), codes.data_ptr()):
+    if native.library().knn_add_heads(heads, table.ctypes.data, n, keys.data_ptr(), codes.data_ptr(), parts):
         raise MemoryError(f"out of memory adding {n} keys to each of {heads} indexes")
 
 
 def _compiled_search(
-    table: np.ndarray, queries: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, stats: np.ndarray
+    table: np.ndarray,
+    queries: torch.Tensor,
+    scores: torch.Tensor,
+    ids: torch.Tensor,
+    stats: np.ndarray,
+    parts: int,
 ) -> None:
     """The C search: ``queries`` [I, m, d] in the I indexes of ``table`` [I, 5], into ``scores`` and ``ids``
-    [I, m, k] and ``stats`` [I, 4]."""
+    [I, m, k] and ``stats`` [I, 4], split by index over ``parts`` threads."""
     heads, m, k = scores.shape
     if native.library().knn_search_heads(
         heads,
@@ -115,6 +140,7 @@ def _compiled_search(
         scores.data_ptr(),
         ids.data_ptr(),
         stats.ctypes.data,
+        parts,
     ):
         raise MemoryError(f"out of memory searching {heads} indexes")
 

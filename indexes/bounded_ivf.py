@@ -166,12 +166,20 @@ class BoundedIVF:
 
     @classmethod
     def build(
-        cls, keys: np.ndarray, sample: np.ndarray, lists: int, store_dtype: torch.dtype, niter: int
+        cls,
+        keys: np.ndarray,
+        sample: np.ndarray,
+        lists: int,
+        store_dtype: torch.dtype,
+        niter: int,
+        threads: int = 1,
     ) -> BoundedIVF:
-        """Train on ``sample`` [s, d] and add ``keys`` [n, d] (float32, ids 0..n-1)."""
+        """Train on ``sample`` [s, d] and add ``keys`` [n, d] (float32, ids 0..n-1), assigning them to
+        lists on up to ``threads`` threads."""
         new = cls.empty(train_centroids(sample, lists, niter), store_dtype)
         x = torch.from_numpy(keys)
-        assign = torch.cat([new.assign(x[b : b + ASSIGN_BLOCK]) for b in range(0, x.shape[0], ASSIGN_BLOCK)])
+        blocks = range(0, x.shape[0], ASSIGN_BLOCK)
+        assign = torch.cat([new.assign(x[b : b + ASSIGN_BLOCK], threads) for b in blocks])
         new.lists.reserve(torch.bincount(assign, minlength=lists))  # exact sizes: no room left unused
         for begin in range(0, x.shape[0], ASSIGN_BLOCK):
             end = begin + ASSIGN_BLOCK
@@ -196,9 +204,10 @@ class BoundedIVF:
         whole blocks), bounds, counts."""
         return int(self.lists.nbytes() + self._quantizer.nbytes() + self.nlist * (self.d * 4 * 2 + 8))
 
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest centroid (L2) of each key ``x`` [n, d] float32 -> [n] int64."""
-        return self._quantizer.assign(x)
+    def assign(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """Nearest centroid (L2) of each key ``x`` [n, d] float32 -> [n] int64 (``threads``: see
+        :meth:`indexes.quantizer.Quantizer.assign`)."""
+        return self._quantizer.assign(x, threads)
 
     def decode_all(self) -> np.ndarray:
         """Every key, float32 [n, d] in id order (exact: the codes are the keys)."""

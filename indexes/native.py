@@ -13,7 +13,9 @@ import ctypes
 import importlib.machinery
 import itertools
 import logging
+import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-VERSION = 9  # knn_version() of the C file this module was written for
+VERSION = 10  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,26 @@ _SIGNATURES = {
     "knn_search": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _I, _I, _P, _P, _P]),
     "knn_gather": (None, [_I, _P, _P, _P, _I, _I, _P, _I, _P]),
     "knn_weighted_gather": (None, [_I, _P, _P, _P, _I, _I, _I, _P, _P, _I, _I, _P]),
-    "knn_assign": (ctypes.c_int, [_I, _I, _P, _I, _P, _P, _P]),
+    "knn_assign": (ctypes.c_int, [_I, _I, _P, _I, _P, _P, _P, _I]),
     "knn_topk_rows": (ctypes.c_int, [_I, _I, _P, _I, _P, _P]),
-    "knn_add_heads": (ctypes.c_int, [_I, _P, _I, _P, _P]),
-    "knn_search_heads": (ctypes.c_int, [_I, _P, _I, _P, _I, _P, _P, _P]),
+    "knn_add_heads": (ctypes.c_int, [_I, _P, _I, _P, _P, _I]),
+    "knn_search_heads": (ctypes.c_int, [_I, _P, _I, _P, _I, _P, _P, _P, _I]),
     "knn_exact": (ctypes.c_int, [_I, _I, _I, _P, _I, _P, _P, _I, _P, _P]),
+    "knn_openmp": (ctypes.c_int, []),
 }
+_forked = [False]  # True in a child forked from this process
+
+
+def split_threads(threads: int) -> int:
+    """The threads a compiled call asked for ``threads`` may split over (``knn_add_heads``,
+    ``knn_search_heads``, ``knn_assign``): ``threads``, or 1 where the library is built without OpenMP
+    or this is a forked child (the OpenMP threads of a parent do not survive ``fork``: a child's first
+    parallel call would hang)."""
+    lib = library()
+    return threads if lib is not None and lib.knn_openmp() and not _forked[0] else 1
+
+
+os.register_at_fork(after_in_child=lambda: _forked.__setitem__(0, True))
 
 
 def library_path() -> Path | None:
@@ -231,8 +247,29 @@ def weighted_rows(views: list[torch.Tensor], ids: torch.Tensor, probs: torch.Ten
 
 
 EXACT_SPLIT_WORK = 1 << 25  # multiply-adds of an exact search below which it runs on one thread
-_split_pool: list[ThreadPoolExecutor] = []  # the threads of a split exact search, once made (grown only)
+_split_pool: list[ThreadPoolExecutor] = []  # the threads of split C calls, once made (grown only)
 _split_size = [0]
+
+
+def run_split(call: Callable[[int, int], int], count: int, parts: int) -> list[int]:
+    """Run ``call(first, rows)`` over ``count`` rows cut into ``parts`` contiguous pieces, one per thread:
+    the first piece in the calling thread, the others on a pool of their own. ``call`` must be a leaf
+    (a C call through ctypes, which releases the GIL) that writes only its own rows' outputs, so the
+    pieces run in parallel and none waits on another. Returns each piece's return code, in order."""
+    bounds = [count * i // parts for i in range(parts + 1)]
+    pieces = [(a, b - a) for a, b in itertools.pairwise(bounds) if b > a]
+    if len(pieces) == 1:
+        return [call(*pieces[0])]
+    with _lock:
+        if not _split_pool or _split_size[0] < len(pieces) - 1:
+            if _split_pool:
+                _split_pool[0].shutdown(wait=False)  # its queued work still runs
+            _split_pool[:] = [ThreadPoolExecutor(max_workers=len(pieces) - 1, thread_name_prefix="knn-split")]
+            _split_size[0] = len(pieces) - 1
+        pool = _split_pool[0]
+    futures = [pool.submit(call, *piece) for piece in pieces[1:]]
+    first = call(*pieces[0])
+    return [first] + [f.result() for f in futures]
 
 
 def _exact_part(lib, table, kind: int, q, k, first: int, rows: int, scores, ids) -> int:
@@ -295,23 +332,10 @@ def exact_top_k(
     scores = torch.empty(m, k, dtype=torch.float32)
     ids = torch.empty(m, k, dtype=torch.int64)
     parts = max(1, min(threads, m // 32, (m * n * q.shape[1]) // EXACT_SPLIT_WORK))
-    if parts == 1:
-        rc = _exact_part(lib, table, kind, q, k, 0, m, scores, ids)
-    else:
-        with _lock:  # a pool of its own: its tasks are leaves (C calls), so none waits on another
-            if not _split_pool or _split_size[0] < parts:
-                if _split_pool:
-                    _split_pool[0].shutdown(wait=False)  # its queued work still runs
-                _split_pool[:] = [ThreadPoolExecutor(max_workers=parts, thread_name_prefix="knn-exact")]
-                _split_size[0] = parts
-            pool = _split_pool[0]
-        bounds = [m * i // parts for i in range(parts + 1)]
-        futures = [
-            pool.submit(_exact_part, lib, table, kind, q, k, a, b - a, scores, ids)
-            for a, b in itertools.pairwise(bounds)
-        ]
-        codes = [f.result() for f in futures]
-        rc = -1 if -1 in codes else max(codes)
+    codes = run_split(
+        lambda first, rows: _exact_part(lib, table, kind, q, k, first, rows, scores, ids), m, parts
+    )
+    rc = -1 if -1 in codes else max(codes)
     if rc == 1:
         return None
     if rc:

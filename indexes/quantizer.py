@@ -53,8 +53,9 @@ class Quantizer:
         """(transposed centroids, half norms, padded list count) as the compiled assignment takes them."""
         return self._ct.data_ptr(), self._hn.data_ptr(), self._ct.shape[1]
 
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest centroid of each key ``x`` [n, d] float32 -> [n] int64."""
+    def assign(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """Nearest centroid of each key ``x`` [n, d] float32 -> [n] int64; the compiled kernel splits
+        many keys over ``threads`` threads (the same centroids)."""
         n = x.shape[0]
         if self._lib is None or n == 0:
             return torch.addmm(self._hn[: self._lists], x, self._ct[:, : self._lists], alpha=-1.0).argmin(
@@ -70,6 +71,7 @@ class Quantizer:
             self._ct.data_ptr(),
             self._hn.data_ptr(),
             out.data_ptr(),
+            native.split_threads(threads),
         )
         if rc:
             raise MemoryError(f"out of memory assigning {n} keys to lists")

@@ -56,6 +56,7 @@ from indexes.spec import (
     check_search_params,
     parse_spec,
 )
+from indexes.threads import call_threads
 from indexes.validate import (
     INT64_MAX,
     MAX_DIM,
@@ -452,12 +453,13 @@ class StreamingIndex:
             return None
         return views[0]
 
-    def added_to(self, index: BoundedIVF, n: int) -> None:
-        """Finish an add of ``n`` keys made straight into :meth:`compiled_ivf`: count them, rebuild if due."""
+    def added_to(self, index: BoundedIVF, n: int, threads: int = 1) -> None:
+        """Finish an add of ``n`` keys made straight into :meth:`compiled_ivf`: count them, rebuild if due
+        (assigning the keys to the new lists on up to ``threads`` threads)."""
         index.added(n)
         self._ntotal += n
         if self._rebuild_due():
-            self._build()
+            self._build(threads)
 
     def _first_build_at(self) -> int:
         if self.policy is not None:
@@ -513,7 +515,7 @@ class StreamingIndex:
         gen = torch.Generator().manual_seed(self.seed + self.trainings)
         return torch.randperm(n, generator=gen)[:want].sort().values
 
-    def _build(self) -> None:
+    def _build(self, threads: int = 1) -> None:
         n = self._ntotal
         old, store = self._index, self._store
         # Every key in float32, in id order: from the store, or decoded from the codes of the index
@@ -522,7 +524,7 @@ class StreamingIndex:
         self._index = None
         del old
         if self.policy is not None:
-            self._index = self._build_auto(n, store, source)
+            self._index = self._build_auto(n, store, source, threads)
         else:
             self._index = self._build_spec(n, store, source)
         self.trained_at = n
@@ -538,12 +540,14 @@ class StreamingIndex:
             return source[rows.numpy()]
         return _to_numpy(store.rows(rows.to(self.device)).to(torch.float32).contiguous())
 
-    def _build_auto(self, n: int, store: ChunkedTensor | None, source: np.ndarray | None) -> BoundedIVF:
+    def _build_auto(
+        self, n: int, store: ChunkedTensor | None, source: np.ndarray | None, threads: int = 1
+    ) -> BoundedIVF:
         lists = self.policy.lists_for(n)
         sample = self._sample(self._sample_rows(n), store, source)
         if source is None:
             source = _to_numpy(store.full().to(torch.float32).contiguous())
-        index = BoundedIVF.build(source, sample, lists, self.store_dtype, self.policy.niter)
+        index = BoundedIVF.build(source, sample, lists, self.store_dtype, self.policy.niter, threads)
         self.trainings += 1
         log.info("auto: built %d lists over %d keys (trained on %d)", lists, n, sample.shape[0])
         self._apply_params(index)
@@ -638,8 +642,7 @@ class StreamingIndex:
 
     def _exact(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu" and self._ntotal >= EXACT_KERNEL_KEYS:
-            threads = min(torch.get_num_threads(), faiss.omp_get_max_threads())
-            found = native.exact_top_k(self._store.views(), q, k, threads)
+            found = native.exact_top_k(self._store.views(), q, k, call_threads())
             if found is not None:
                 return found
         parts_s, parts_i = [], []

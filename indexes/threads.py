@@ -63,6 +63,12 @@ def faiss_threads(n: int):
         faiss.omp_set_num_threads(before)
 
 
+def call_threads() -> int:
+    """Threads a compiled call made from this thread may split over: the fewer of torch's intra-op
+    threads and Faiss's OpenMP threads here (both are what ``knn_memory.set_threads`` sets)."""
+    return max(1, min(torch.get_num_threads(), faiss.omp_get_max_threads()))
+
+
 def _single_threaded_worker() -> None:
     faiss.omp_set_num_threads(1)
 

@@ -3,12 +3,14 @@ per index, bit for bit, through the exact phase, builds and rebuilds; and the ba
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from indexes import GrowthPolicy, StreamingIndex, add_many, native, search_many
+from indexes import GrowthPolicy, StreamingIndex, add_many, batched, native, search_many
 from knn_memory import create_backend
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the compiled inverted lists are not built")
@@ -137,7 +139,8 @@ def test_mixed_indexes_fall_back_to_one_call_each():
 
 @pytest.mark.parametrize("mask_rows", [False, True])
 def test_backend_batched_rows_equal_the_per_head_fan_out(mask_rows):
-    """workers=1 takes one call per row; workers=2 one call per (row, head) on a pool: same hits."""
+    """workers=1 takes one call per row on one thread; workers=2 splits each row's heads over two
+    threads (the exact phase: one call per (row, head) on a pool): same hits."""
     opts = dict(num_heads=3, head_dim=D, batch_size=2, index="auto", top_k=6, exact_until=64, min_lists=2)
     one, pool = create_backend("faiss", workers=1, **opts), create_backend("faiss", workers=2, **opts)
     g = torch.Generator().manual_seed(0)
@@ -156,3 +159,46 @@ def test_backend_batched_rows_equal_the_per_head_fan_out(mask_rows):
             torch.equal(a.scores, b.scores) and torch.equal(a.ids, b.ids) and torch.equal(a.values, b.values)
         )
     assert one.head_index(0, 0).compiled_ivf() is not None  # the compiled path was reached
+
+
+needs_openmp = pytest.mark.skipif(
+    not native.available() or not native.library().knn_openmp(), reason="the library is built without OpenMP"
+)
+
+
+@needs_openmp
+@pytest.mark.parametrize(("heads", "threads"), [(2, 2), (3, 2), (5, 3), (4, 8)])
+def test_heads_split_over_threads_equal_one_thread(monkeypatch, heads, threads):
+    """The compiled add and search with the heads cut over threads: the same results and the same index
+    state as on one thread, bit for bit, through builds and rebuilds; the split really happened."""
+    monkeypatch.setattr(batched, "SPLIT_WORK", 1)  # split however small the call
+    parts = []
+    for name in ("_compiled_add", "_compiled_search"):
+        real = getattr(batched, name)
+        monkeypatch.setattr(batched, name, lambda *a, real=real: parts.append(a[-1]) or real(*a))
+    split, single = new_indexes(heads, torch.bfloat16), new_indexes(heads, torch.bfloat16)
+    for step, n in enumerate([40, 30, 60, 5, 90, 200, 7]):
+        x = keys_like(heads, n, 100 + step, torch.bfloat16)
+        add_many(split, x, threads)
+        add_many(single, x)
+        q = keys_like(heads, 9, 200 + step, torch.float32)
+        got_s, got_i = search_many(split, q, 6, threads)
+        want_s, want_i = search_many(single, q, 6)
+        assert torch.equal(got_s, want_s) and torch.equal(got_i, want_i)
+        assert_same_state(split, single)
+    assert max(parts) == min(heads, threads)  # the threaded calls did run (the others on one thread)
+
+
+@needs_openmp
+def test_no_split_without_threads_or_in_a_forked_child(monkeypatch):
+    monkeypatch.setattr(batched, "SPLIT_WORK", 1)
+    assert batched._parts(4, 10**9, 1) == 1  # one thread asked for
+    assert batched._parts(4, 3, 4) == 3  # at most one thread per SPLIT_WORK of work
+    monkeypatch.setattr(native, "split_threads", lambda threads: 1)  # a library without OpenMP
+    assert batched._parts(4, 10**9, 4) == 1
+    monkeypatch.undo()
+    pid = os.fork()
+    if pid == 0:  # the child: never start the parent's OpenMP threads (they hang after a fork)
+        os._exit(0 if native.split_threads(4) == 1 else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -79,3 +79,20 @@ def test_padding_and_bytes():
     q = Quantizer(torch.randn(17, 8), False)
     assert q.nlist == 17 and q._ct.shape == (8, 32) and q.nbytes() == 32 * 9 * 4
     assert bool(torch.isinf(q._hn[17:]).all()) and bool(torch.isfinite(q._hn[:17]).all())
+
+
+@pytest.mark.skipif(
+    not native.available() or native.split_threads(2) == 1, reason="compiled library without OpenMP"
+)
+@pytest.mark.parametrize("n", [8191, 8192, 20001])
+def test_keys_split_over_threads_go_to_the_same_lists(n):
+    """knn_assign cuts many keys into parts of at least 4096, one per thread: the same list for each key
+    as on one thread (each key's sums are its own), whatever the cut."""
+    g = torch.Generator().manual_seed(n)
+    centroids = torch.randn(300, 32, generator=g)
+    x = torch.randn(n, 32, generator=g)
+    q = Quantizer(centroids, True)
+    one = q.assign(x)
+    for threads in (2, 3, 7):
+        assert torch.equal(q.assign(x, threads), one)
+    _nearest_ok(x, centroids, one)

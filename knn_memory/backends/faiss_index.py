@@ -3,11 +3,16 @@
 Keys are rounded to ``mem_dtype`` and each is held once by the index layer (``indexes/``): in a
 ``mem_dtype`` store searched exactly, or in the codes of the Faiss index. A ``"Flat"`` index with
 k >= memory size reproduces the exact backend. ``index="auto"`` grows an IVF index with the memory
-(:mod:`indexes.growth`). Padding entries are never inserted. With several ``workers`` the searches fan
-out over (row, head) on a thread pool with one Faiss OpenMP thread per worker; with one, they run in the
-calling thread, where Faiss and torch use all their threads. By default a call fans out only when each
-(row, head) has at least :data:`FAN_OUT_MIN` queries or keys: below that the pool's hand-offs cost more
-than they share. Values stay in ``mem_dtype`` in chunked per-row storage and only the k retrieved ones
+(:mod:`indexes.growth`). Padding entries are never inserted. With several ``workers`` the adds and
+searches of an ``"auto"`` index past its exact phase go to the compiled library in one call per row,
+which splits the row's heads over that many threads (OpenMP threads of its own: a hand-off costs
+microseconds); other indexes fan out over (row, head) on a thread pool with one Faiss OpenMP thread per
+worker. With one worker they run in the calling thread, where Faiss and torch use all their threads. By
+default a call uses several workers only when each (row, head) has at least :data:`FAN_OUT_MIN` queries
+or keys: below that the pool's hand-offs cost more than they share. On this project's 2-core machine the
+fastest setting for the embedded model is torch on one thread and ``workers=2`` (``longllama-passkey
+--threads 1 --backend faiss:auto:workers=2``): torch's idle OpenMP threads spin on the second core and
+slow the split down (``benchmarks/results/head_threads``). Values stay in ``mem_dtype`` in chunked per-row storage and only the k retrieved ones
 are gathered per query.
 """
 
@@ -23,6 +28,7 @@ from indexes import (
     KeyIndex,
     StreamingIndex,
     add_many,
+    all_compiled,
     check_key_index,
     fan_out,
     index_class,
@@ -65,8 +71,9 @@ class FaissBackend(MemoryBackend):
         exact_until, lists_per_sqrt, regrow_factor, train_per_list, max_train_sample, niter,
             min_lists, max_lists: the ``"auto"`` policy (:class:`indexes.GrowthPolicy`); only with
             ``index="auto"``.
-        workers: threads for the (row, head) fan-out (default: torch's thread count for calls of at
-            least ``FAN_OUT_MIN`` queries or keys per (row, head), else 1).
+        workers: threads for the (row, head) work of one call: the heads of a compiled call split
+            over them, or the (row, head) fan-out (default: torch's thread count for calls of at least
+            ``FAN_OUT_MIN`` queries or keys per (row, head), else 1).
         seed: RNG seed of training samples.
         value_device: where the values live: ``None`` (default) next to the keys on ``device``, or
             ``"cpu"`` to keep them in host memory while a GPU index holds the keys; only the k
@@ -281,9 +288,9 @@ class FaissBackend(MemoryBackend):
             self._values[b].append(vb)
             rows.append((self._rows[b], kb.contiguous()))
         workers = self._workers(keys.shape[2])
-        if workers <= 1:  # one call per row: compiled indexes take all their heads at once
-            for indexes, kb in rows:
-                add_many(indexes, kb)
+        if workers <= 1 or all(all_compiled(indexes) for indexes, _ in rows):
+            for indexes, kb in rows:  # one call per row: compiled indexes take all its heads at once
+                add_many(indexes, kb, workers)
         else:
             jobs = [(ix, kb[h]) for indexes, kb in rows for h, ix in enumerate(indexes)]
             fan_out(lambda job: job[0].add_checked(job[1]), jobs, workers)
@@ -300,8 +307,9 @@ class FaissBackend(MemoryBackend):
         B, h, q, _ = queries.shape
         q32 = queries.detach().to(torch.float32)
         workers = self._workers(q)
-        if workers <= 1:  # one call per row: compiled indexes search all their heads at once
-            found = [search_many(self._rows[b][heads], q32[b].contiguous(), k) for b in range(B)]
+        if workers <= 1 or all(all_compiled(row[heads]) for row in self._rows):
+            # one call per row: compiled indexes search all its heads at once
+            found = [search_many(self._rows[b][heads], q32[b].contiguous(), k, workers) for b in range(B)]
             scores, ids = stack_rows([s for s, _ in found]), stack_rows([i for _, i in found])  # [B, h, q, k]
         else:
             pairs = [(b, j) for b in range(B) for j in range(h)]
