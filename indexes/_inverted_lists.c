@@ -1569,6 +1569,25 @@ static int64_t split_threads(int64_t items, int64_t threads) {
 #endif
 }
 
+/* Work over items first .. first + count - 1 of a call (its arguments in `args`): 0, or -1 on failure. */
+typedef int (*knn_range_fn)(int64_t first, int64_t count, const void *args);
+
+/* fn over items 0 .. items - 1 cut into `parts` contiguous ranges, one per thread where parts > 1 (the
+ * library built with OpenMP: see split_threads()), else in the calling thread. Returns 0, or -1 where
+ * some range failed. */
+static int run_parts(int64_t items, int64_t parts, knn_range_fn fn, const void *args) {
+    if (parts <= 1) return fn(0, items, args);
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads((int)parts) schedule(static, 1) reduction(| : failed)
+#endif
+    for (int64_t p = 0; p < parts; p++) {
+        const int64_t first = items * p / parts, count = items * (p + 1) / parts - first;
+        failed |= fn(first, count, args) != 0;
+    }
+    return failed ? -1 : 0;
+}
+
 /* The nearest centroid (L2) of each key of x [n, d]: out[i] = argmin_l half_norms[l] - x_i . c_l (the
  * first on ties). The centroids come transposed, ct [d, lp] with lp a multiple of ASSIGN_LANES, and
  * half_norms [lp] is +inf in the padding columns. Dot products are summed in float32 over i in order
@@ -1604,56 +1623,77 @@ static int assign_range(int64_t n, int64_t d, const float *x, int64_t lp, const 
 /* Keys per thread below which knn_assign() does not split its keys over threads. */
 #define ASSIGN_SPLIT_KEYS 4096
 
+typedef struct {
+    int64_t d, lp;
+    const float *x, *ct, *hn;
+    int64_t *out;
+} assign_args;
+
+/* Keys first .. first + count - 1 of knn_assign() (its arguments in a). */
+static int assign_keys(int64_t first, int64_t count, const void *args) {
+    const assign_args *a = (const assign_args *)args;
+    return assign_range(count, a->d, a->x + first * a->d, a->lp, a->ct, a->hn, a->out + first);
+}
+
 /* As above, with the keys cut into up to `threads` contiguous parts of at least ASSIGN_SPLIT_KEYS, one per
  * thread, where the library is built with OpenMP: each key's centroid is the same either way. */
 int knn_assign(int64_t n, int64_t d, const float *x, int64_t lp, const float *ct, const float *hn, int64_t *out,
                int64_t threads) {
-    const int64_t parts = split_threads(n / ASSIGN_SPLIT_KEYS, threads);
-    if (parts <= 1) return assign_range(n, d, x, lp, ct, hn, out);
-    int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads((int)parts) schedule(static, 1) reduction(| : failed)
-#endif
-    for (int64_t p = 0; p < parts; p++) {
-        const int64_t first = n * p / parts, count = n * (p + 1) / parts - first;
-        failed |= assign_range(count, d, x + first * d, lp, ct, hn, out + first) != 0;
-    }
-    return failed ? -1 : 0;
+    const assign_args a = {d, lp, x, ct, hn, out};
+    return run_parts(n, split_threads(n / ASSIGN_SPLIT_KEYS, threads), assign_keys, &a);
 }
 
 /* ------------------------------------------------------------------ every head of a row at once */
 
-/* Heads first .. first + count - 1 of knn_add_heads() (its arguments), one after the other. */
-static int add_heads_range(int64_t first, int64_t count, const int64_t *table, int64_t n, const float *keys,
-                           const void *codes) {
-    const knn_store *s = (const knn_store *)(intptr_t)table[0];
+typedef struct {
+    const int64_t *table;
+    int64_t n;
+    const float *keys;
+    const void *codes;
+} add_args;
+
+/* Heads first .. first + count - 1 of knn_add_heads() (its arguments in a), one after the other. */
+static int add_heads_range(int64_t first, int64_t count, const void *args) {
+    const add_args *a = (const add_args *)args;
+    const int64_t n = a->n;
+    const knn_store *s = (const knn_store *)(intptr_t)a->table[0];
     const int64_t d = s->dim, code_bytes = n * d * elem_size(s->kind);
     int64_t *lists = (int64_t *)malloc((size_t)n * sizeof(int64_t));
     int64_t *ids = (int64_t *)malloc((size_t)n * sizeof(int64_t));
     int rc = lists && ids ? 0 : -1;
     for (int64_t h = first; h < first + count && !rc; h++) {
-        const int64_t *e = table + h * 7;
-        const float *x = keys + h * n * d;
+        const int64_t *e = a->table + h * 7;
+        const float *x = a->keys + h * n * d;
         rc = knn_assign(n, d, x, e[3], (const float *)(intptr_t)e[1], (const float *)(intptr_t)e[2], lists, 1);
         if (rc) break;
         for (int64_t r = 0; r < n; r++) ids[r] = e[6] + r;
-        rc = knn_store_add_boxed((void *)(intptr_t)e[0], n, (const uint8_t *)codes + h * code_bytes, lists, ids,
-                                 x, (float *)(intptr_t)e[4], (int64_t *)(intptr_t)e[5]);
+        rc = knn_store_add_boxed((void *)(intptr_t)e[0], n, (const uint8_t *)a->codes + h * code_bytes, lists,
+                                 ids, x, (float *)(intptr_t)e[4], (int64_t *)(intptr_t)e[5]);
     }
     free(lists);
     free(ids);
     return rc;
 }
 
-/* Heads first .. first + count - 1 of knn_search_heads() (its arguments), one after the other. */
-static int search_heads_range(int64_t first, int64_t count, const int64_t *table, int64_t m, const float *q,
-                              int64_t k, float *out_s, int64_t *out_i, int64_t *stats) {
+typedef struct {
+    const int64_t *table;
+    int64_t m;
+    const float *q;
+    int64_t k;
+    float *out_s;
+    int64_t *out_i, *stats;
+} search_args;
+
+/* Heads first .. first + count - 1 of knn_search_heads() (its arguments in a), one after the other. */
+static int search_heads_range(int64_t first, int64_t count, const void *args) {
+    const search_args *a = (const search_args *)args;
+    const int64_t m = a->m, k = a->k;
     for (int64_t h = first; h < first + count; h++) {
-        const int64_t *e = table + h * 5;
+        const int64_t *e = a->table + h * 5;
         const knn_store *s = (const knn_store *)(intptr_t)e[0];
-        if (knn_search((void *)s, m, q + h * m * s->dim, k, (const float *)(intptr_t)e[1],
-                       (const float *)(intptr_t)e[4], e[2], e[3], out_s + h * m * k, out_i + h * m * k,
-                       stats + h * 4))
+        if (knn_search((void *)s, m, a->q + h * m * s->dim, k, (const float *)(intptr_t)e[1],
+                       (const float *)(intptr_t)e[4], e[2], e[3], a->out_s + h * m * k, a->out_i + h * m * k,
+                       a->stats + h * 4))
             return -1;
     }
     return 0;
@@ -1668,17 +1708,8 @@ static int search_heads_range(int64_t first, int64_t count, const int64_t *table
 int knn_add_heads(int64_t heads, const int64_t *table, int64_t n, const float *keys, const void *codes,
                   int64_t threads) {
     if (heads <= 0 || n <= 0) return 0;
-    const int64_t parts = split_threads(heads, threads);
-    if (parts <= 1) return add_heads_range(0, heads, table, n, keys, codes);
-    int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads((int)parts) schedule(static, 1) reduction(| : failed)
-#endif
-    for (int64_t p = 0; p < parts; p++) {
-        const int64_t first = heads * p / parts, count = heads * (p + 1) / parts - first;
-        failed |= add_heads_range(first, count, table, n, keys, codes) != 0;
-    }
-    return failed ? -1 : 0;
+    const add_args a = {table, n, keys, codes};
+    return run_parts(heads, split_threads(heads, threads), add_heads_range, &a);
 }
 
 /* knn_search() for each of `heads` stores: queries q [heads, m, dim], results out_s, out_i [heads, m, k]
@@ -1688,21 +1719,12 @@ int knn_add_heads(int64_t heads, const int64_t *table, int64_t n, const float *k
  * 0, or -1 out of memory. */
 int knn_search_heads(int64_t heads, const int64_t *table, int64_t m, const float *q, int64_t k, float *out_s,
                      int64_t *out_i, int64_t *stats, int64_t threads) {
-    const int64_t parts = split_threads(heads, threads);
-    if (parts <= 1) return search_heads_range(0, heads, table, m, q, k, out_s, out_i, stats);
-    int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads((int)parts) schedule(static, 1) reduction(| : failed)
-#endif
-    for (int64_t p = 0; p < parts; p++) {
-        const int64_t first = heads * p / parts, count = heads * (p + 1) / parts - first;
-        failed |= search_heads_range(first, count, table, m, q, k, out_s, out_i, stats) != 0;
-    }
-    return failed ? -1 : 0;
+    const search_args a = {table, m, q, k, out_s, out_i, stats};
+    return run_parts(heads, split_threads(heads, threads), search_heads_range, &a);
 }
 
 /* 1 where this library was built with OpenMP (knn_add_heads() and knn_search_heads() can split their
- * heads over threads), else 0. */
+ * heads over threads, knn_assign() its keys), else 0. */
 int knn_openmp(void) {
 #ifdef _OPENMP
     return 1;
