@@ -10,8 +10,8 @@ time:
 * **model forward**: everything outside the memory: embeddings, projections, RoPE, MLPs, norms, the
   local part of attention;
 * **attention over hits**: the one softmax over [local ; retrieved] around the search and the values;
-* **search**: the exact phase (matmul and top-k over the key store), the box-bound list ranking, the Faiss
-  list scan;
+* **search**: the exact phase (matmul and top-k over the key store), the box-bound list ranking, the
+  list scan (the compiled lists rank inside the scan's own call: their ranking is timed with the scan);
 * **value gather**: reading the k values of every query from the chunked value store, and weighting
   them (in place, on the CPU: :meth:`knn_memory.storage.RetrievedValues.weighted`);
 * **key add**: assignment to lists, codes, bounds, values appended;
@@ -139,12 +139,12 @@ def instrumented(timers: Timers, head_dim: int):
     patch(StreamingIndex, "_build", "build", build_work)
     patch(StreamingIndex, "add_checked", "index.add")
     # the "auto" index is searched one (row, head) at a time (BoundedIVF.search) or all heads of a row
-    # at once (indexes.batched); both rank lists by a matmul against their bounds (two where the rank is
-    # not the bound and the scan may go past nprobe lists), then scan in C
+    # at once (indexes.batched); both rank lists by a product with their boxes (two where the rank is not
+    # the bound and the scan may go past nprobe lists), then scan. The compiled lists rank inside the
+    # same C call as the scan (timed as the scan); the Python lists rank with a torch matmul first
     patch(BoundedIVF, "search", "search.scan")
     patch(batched, "_compiled_search", "search.scan")
     patch(BoundedIVF, "_bound_and_rank", "search.rank")
-    patch(BoundedIVF, "compiled_search_entry", "search.rank")
     counted_search = BoundedIVF.searched
 
     def searched_counting(self, queries, stats):  # what each search did: the bounds' and the scan's FLOP

@@ -38,7 +38,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 10
+#define KNN_VERSION 11
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -1272,6 +1272,162 @@ int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound
     return rc;
 }
 
+/* ------------------------------------------------------------------ ranking lists by their boxes */
+
+#define DOT_ROWS 6      /* rows of a tile of dot_tile_avx2: 12 sums in registers, enough to keep both FMA units busy */
+#define DOT_ROWS_512 8  /* rows of a tile of dot_tile_avx512 */
+#define DOT_COLS 32     /* columns of a tile (AVX2: two of 16), and the padding of bt */
+
+/* One tile of dot_rows(): out[r, c] = sum_i xb[r, i] * bt[i, c] for the DOT_ROWS(_512) rows of xb
+ * [rows, kk] (the first nr stored) and columns c < nc (<= DOT_COLS) of bt [kk, lp] from its first
+ * (zero past the last real column), summed over i in order; out rows are ldo floats apart. */
+static void dot_tile_scalar(const float *xb, int64_t kk, const float *bt, int64_t lp, int64_t nc, int64_t nr,
+                            float *out, int64_t ldo) {
+    for (int64_t r = 0; r < nr; r++) {
+        float acc[DOT_COLS] = {0};
+        for (int64_t i = 0; i < kk; i++) {
+            const float xv = xb[r * kk + i];
+            const float *b = bt + i * lp;
+            for (int j = 0; j < DOT_COLS; j++) acc[j] += xv * b[j];
+        }
+        memcpy(out + r * ldo, acc, (size_t)nc * sizeof(float));
+    }
+}
+
+#ifdef KNN_X86
+__attribute__((target("avx2,fma"))) static void dot_tile_avx2(const float *xb, int64_t kk, const float *bt, int64_t lp,
+                                                              int64_t nc, int64_t nr, float *out, int64_t ldo) {
+    for (int half = 0; half < 2 && 16 * half < nc; half++) {
+        const float *bh = bt + 16 * half;
+        __m256 acc[DOT_ROWS][2];
+        for (int r = 0; r < DOT_ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < kk; i++) {
+            const __m256 b0 = _mm256_loadu_ps(bh + i * lp), b1 = _mm256_loadu_ps(bh + i * lp + 8);
+            for (int r = 0; r < DOT_ROWS; r++) {
+                const __m256 xv = _mm256_broadcast_ss(xb + r * kk + i);
+                acc[r][0] = _mm256_fmadd_ps(xv, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(xv, b1, acc[r][1]);
+            }
+        }
+        /* every row through a local tile (a store of acc[r] with r not known at compile time would keep
+         * acc in memory, not in registers), then the rows and columns that are real */
+        float tile[DOT_ROWS][16];
+        for (int r = 0; r < DOT_ROWS; r++) {
+            _mm256_storeu_ps(tile[r], acc[r][0]);
+            _mm256_storeu_ps(tile[r] + 8, acc[r][1]);
+        }
+        const int64_t n = nc - 16 * half < 16 ? nc - 16 * half : 16;
+        for (int64_t r = 0; r < nr; r++) memcpy(out + r * ldo + 16 * half, tile[r], (size_t)n * sizeof(float));
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void dot_tile_avx512(const float *xb, int64_t kk,
+                                                                               const float *bt, int64_t lp,
+                                                                               int64_t nc, int64_t nr, float *out,
+                                                                               int64_t ldo) {
+    __m512 acc[DOT_ROWS_512][2];
+    for (int r = 0; r < DOT_ROWS_512; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < kk; i++) {
+        const __m512 b0 = _mm512_loadu_ps(bt + i * lp), b1 = _mm512_loadu_ps(bt + i * lp + 16);
+        for (int r = 0; r < DOT_ROWS_512; r++) {
+            const __m512 xv = _mm512_set1_ps(xb[r * kk + i]);
+            acc[r][0] = _mm512_fmadd_ps(xv, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(xv, b1, acc[r][1]);
+        }
+    }
+    float tile[DOT_ROWS_512][DOT_COLS]; /* as in dot_tile_avx2 */
+    for (int r = 0; r < DOT_ROWS_512; r++) {
+        _mm512_storeu_ps(tile[r], acc[r][0]);
+        _mm512_storeu_ps(tile[r] + 16, acc[r][1]);
+    }
+    for (int64_t r = 0; r < nr; r++) memcpy(out + r * ldo, tile[r], (size_t)nc * sizeof(float));
+}
+#endif
+
+/* out [m, ncol] = x [m, kk] times the transpose of y [ncol, kk]: out[r, c] = sum_i x[r, i] * y[c, i], each
+ * sum over i in order, in float32 (fused multiply-adds with AVX2 / AVX-512), the same whatever m. Tiles of
+ * DOT_COLS columns outside, rows inside: a tile's columns of y, transposed into an L1-sized buffer (zero
+ * past the last column), are read from L1 by every row. Returns 0, or -1 out of memory. */
+static int dot_rows(const float *x, int64_t m, int64_t kk, const float *y, int64_t ncol, float *out) {
+    const int isa = knn_isa();
+    const int64_t rows = isa >= ISA_AVX512 ? DOT_ROWS_512 : isa >= ISA_AVX2 ? DOT_ROWS : 1;
+    const int64_t mp = (m + rows - 1) / rows * rows;
+    float *xb = (float *)calloc((size_t)(mp * kk), sizeof(float)); /* x, zero rows to a whole tile */
+    float *bt = (float *)malloc((size_t)(kk * DOT_COLS) * sizeof(float));
+    if (!xb || !bt) {
+        free(xb);
+        free(bt);
+        return -1;
+    }
+    memcpy(xb, x, (size_t)(m * kk) * sizeof(float));
+    for (int64_t c0 = 0; c0 < ncol; c0 += DOT_COLS) {
+        const int64_t nc = ncol - c0 < DOT_COLS ? ncol - c0 : DOT_COLS;
+        if (nc < DOT_COLS) memset(bt, 0, (size_t)(kk * DOT_COLS) * sizeof(float));
+        for (int64_t c = 0; c < nc; c++)
+            for (int64_t i = 0; i < kk; i++) bt[i * DOT_COLS + c] = y[(c0 + c) * kk + i];
+        for (int64_t r0 = 0; r0 < m; r0 += rows) {
+            const int64_t nr = m - r0 < rows ? m - r0 : rows;
+            const float *xr = xb + r0 * kk;
+            float *o = out + r0 * ncol + c0;
+#ifdef KNN_X86
+            if (isa >= ISA_AVX512)
+                dot_tile_avx512(xr, kk, bt, DOT_COLS, nc, nr, o, ncol);
+            else if (isa >= ISA_AVX2)
+                dot_tile_avx2(xr, kk, bt, DOT_COLS, nc, nr, o, ncol);
+            else
+#endif
+                dot_tile_scalar(xr, kk, bt, DOT_COLS, nc, nr, o, ncol);
+        }
+    }
+    free(xb);
+    free(bt);
+    return 0;
+}
+
+/* knn_search() with the ranking and the bounds computed here from the lists' boxes, boxes [nlist, 2 dim]
+ * (each list's maxima, then minima, of its keys: bounded_ivf.py's bounds). With q+ = max(q, 0) and
+ * q- = min(q, 0), a list's bound is [q+, q-] . box: the largest q.k any key in the box can have. Its rank
+ * is the bound of the box shrunk about its centre by `shrink` (0 < shrink <= 1), [a q+ + b q-,
+ * b q+ + a q-] . box with a = (1 + shrink) / 2, b = (1 - shrink) / 2. shrink == 1: the lists are ranked
+ * by their bound. The bounds are computed only where a stop test needs them (cap > nprobe) or they rank.
+ * Both are one product of [rows, 2 dim] query rows with the boxes (dot_rows). Returns 0, or -1 out of
+ * memory. */
+int knn_search_boxes(void *h, int64_t m, const float *q, int64_t k, const float *boxes, double shrink, int64_t cap,
+                     int64_t nprobe, float *out_s, int64_t *out_i, int64_t *stats) {
+    const knn_store *s = (const knn_store *)h;
+    const int64_t d = s->dim, kk = 2 * d, nlist = s->nlist;
+    const int by_bound = shrink == 1.0, need_bound = by_bound || cap > nprobe;
+    const int64_t nrows = m * (need_bound + !by_bound);
+    float *x = (float *)malloc((size_t)(nrows * kk) * sizeof(float));
+    float *scores = (float *)malloc((size_t)(nrows * nlist) * sizeof(float));
+    int rc = -1;
+    if (x && scores) {
+        const float a = (float)((1.0 + shrink) / 2.0), b = (float)((1.0 - shrink) / 2.0);
+        float *bound_rows = x, *rank_rows = x + (need_bound ? m * kk : 0);
+        for (int64_t iq = 0; iq < m; iq++)
+            for (int64_t i = 0; i < d; i++) {
+                const float v = q[iq * d + i], pos = v > 0.0f ? v : 0.0f, neg = v < 0.0f ? v : 0.0f;
+                if (need_bound) {
+                    bound_rows[iq * kk + i] = pos;
+                    bound_rows[iq * kk + d + i] = neg;
+                }
+                if (!by_bound) {
+                    rank_rows[iq * kk + i] = a * pos + b * neg;
+                    rank_rows[iq * kk + d + i] = b * pos + a * neg;
+                }
+            }
+        rc = dot_rows(x, nrows, kk, boxes, nlist, scores);
+        if (rc == 0) {
+            const float *bound = need_bound ? scores : NULL;
+            const float *rank = by_bound ? NULL : scores + (need_bound ? m * nlist : 0);
+            rc = knn_search(h, m, q, k, bound, rank, cap, nprobe, out_s, out_i, stats);
+        }
+    }
+    free(x);
+    free(scores);
+    return rc;
+}
+
 /* ------------------------------------------------------------------ gather of stored rows */
 
 /* Rows of chunked storage by entry id (the memory's values: knn_memory/storage.py).
@@ -1691,9 +1847,10 @@ static int search_heads_range(int64_t first, int64_t count, const void *args) {
     for (int64_t h = first; h < first + count; h++) {
         const int64_t *e = a->table + h * 5;
         const knn_store *s = (const knn_store *)(intptr_t)e[0];
-        if (knn_search((void *)s, m, a->q + h * m * s->dim, k, (const float *)(intptr_t)e[1],
-                       (const float *)(intptr_t)e[4], e[2], e[3], a->out_s + h * m * k, a->out_i + h * m * k,
-                       a->stats + h * 4))
+        double shrink;
+        memcpy(&shrink, e + 4, sizeof shrink);
+        if (knn_search_boxes((void *)s, m, a->q + h * m * s->dim, k, (const float *)(intptr_t)e[1], shrink, e[2],
+                             e[3], a->out_s + h * m * k, a->out_i + h * m * k, a->stats + h * 4))
             return -1;
     }
     return 0;
@@ -1712,9 +1869,9 @@ int knn_add_heads(int64_t heads, const int64_t *table, int64_t n, const float *k
     return run_parts(heads, split_threads(heads, threads), add_heads_range, &a);
 }
 
-/* knn_search() for each of `heads` stores: queries q [heads, m, dim], results out_s, out_i [heads, m, k]
- * and stats [heads, 4]. Row h of table [heads, 5] is (store, bound [m, nlist of that store] or 0, cap,
- * nprobe, rank [m, nlist] or 0) of head h. With threads > 1 (built with OpenMP) the heads are cut into
+/* knn_search_boxes() for each of `heads` stores: queries q [heads, m, dim], results out_s, out_i
+ * [heads, m, k] and stats [heads, 4]. Row h of table [heads, 5] is (store, boxes [nlist of that store,
+ * 2 dim], cap, nprobe, shrink as the bits of a double) of head h. With threads > 1 (built with OpenMP) the heads are cut into
  * that many contiguous groups, one per thread; each head's search is the same as on one thread. Returns
  * 0, or -1 out of memory. */
 int knn_search_heads(int64_t heads, const int64_t *table, int64_t m, const float *q, int64_t k, float *out_s,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from indexes import native
-from indexes.bounded_ivf import BoundedIVF, split_queries
+from indexes.bounded_ivf import BoundedIVF
 from indexes.protocol import KeyIndex
 from indexes.select import top_k
 from indexes.streaming import SELECT_SCORES, StreamingIndex, pad_to_k, score_buffer
@@ -92,13 +92,12 @@ def search_many(
         results = [ix.search_checked(q, k) for ix, q in zip(indexes, queries, strict=True)]
         return torch.stack([s for s, _ in results]), torch.stack([i for _, i in results])
     m = queries.shape[1]
-    split = split_queries(queries)  # [I, m, 2d]
-    entries = [ivf.compiled_search_entry(sq) for ivf, sq in zip(ivfs, split, strict=True)]
-    table = np.array([row for row, _ in entries], dtype=np.int64)  # [I, 5]
+    table = np.array([ivf.compiled_search_entry() for ivf in ivfs], dtype=np.int64)  # [I, 5]
     scores = torch.empty(len(ivfs), m, k, dtype=torch.float32)
     ids = torch.empty(len(ivfs), m, k, dtype=torch.int64)
     stats = np.zeros((len(ivfs), 4), dtype=np.int64)
-    work = m * queries.shape[2] * sum(ivf.ntotal * ivf.nprobe // ivf.nlist for ivf in ivfs)  # first lists
+    # the first lists' scan, and the ranking's product with the boxes
+    work = m * queries.shape[2] * sum(ivf.ntotal * ivf.nprobe // ivf.nlist + 2 * ivf.nlist for ivf in ivfs)
     _compiled_search(table, queries, scores, ids, stats, _parts(len(ivfs), work, threads))
     for ivf, row in zip(ivfs, stats.tolist(), strict=True):
         ivf.searched(m, row)

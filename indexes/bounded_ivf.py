@@ -19,7 +19,10 @@ The bound is loose: it assumes a key at the box's far corner, which no key is. S
 
     rank_l(q) = q · centre_l + shrink * |q| · halfwidth_l
 
-(the same one matmul, with the queries transformed: :func:`shrunk_queries`). On the embedded model's
+(the same one matmul, with the queries transformed: :func:`shrunk_queries`). With the compiled lists
+both products are computed by the library inside the search call itself
+(:meth:`InvertedLists.search_boxes`), so they run on the threads that a row's heads are split over
+(:mod:`indexes.batched`); the Python lists compute them with torch. On the embedded model's
 own queries at 512k keys this finds far more of the exact top-32 in the same number of lists: at 8
 lists, tie-aware recall@32 0.855 -> 0.982 and 0.657 -> 0.936 for the two memory layers; with up to
 32, 0.958 -> 0.999 and 0.915 -> 0.994 (``benchmarks/results/rank_shrink/``).
@@ -242,17 +245,14 @@ class BoundedIVF:
         """Account for ``n`` keys added through :meth:`compiled_add_entry`."""
         self._ntotal += n
 
-    def compiled_search_entry(self, split: torch.Tensor) -> tuple[list[int], tuple[torch.Tensor, ...]]:
-        """This index's row of the compiled search of several indexes at once, for queries given as
-        :func:`split_queries` ``split`` [m, 2d]: [store, bound, cap, nprobe, rank] (0 for a bound or rank
-        not given), and the tensors [m, L] the row points to (keep them alive). Only for compiled lists;
-        the caller then calls :meth:`searched`."""
+    def compiled_search_entry(self) -> list[int]:
+        """This index's row of the compiled search of several indexes at once: [store, bounds, cap,
+        nprobe, rank_shrink as the bits of a float64]; the library ranks the lists from the bounds
+        itself (:meth:`InvertedLists.search_boxes`). Only for compiled lists; the caller then calls
+        :meth:`searched`."""
         first, cap = self._probes()
-        bound, rank = self._bound_and_rank(split, cap > first)
-        row = [self.lists.handle, 0 if bound is None else bound.data_ptr(), cap, first]
-        return [*row, 0 if rank is None else rank.data_ptr()], tuple(
-            t for t in (bound, rank) if t is not None
-        )
+        shrink_bits = int(np.array(self.rank_shrink, dtype=np.float64).view(np.int64))
+        return [self.lists.handle, self.bounds.data_ptr(), cap, first, shrink_bits]
 
     def _bound_and_rank(self, split: torch.Tensor, stop_test: bool) -> tuple[torch.Tensor | None, ...]:
         """(bound, rank) [m, L] for split queries [m, 2d]: the lists' bounds, and the key that ranks them
@@ -291,8 +291,11 @@ class BoundedIVF:
         others go on to their next list, up to :attr:`max_nprobe` lists.
         """
         first, cap = self._probes()
-        bound, rank = self._bound_and_rank(split_queries(torch.from_numpy(q)), cap > first)
-        scores, ids, stats = self.lists.search(q, k, bound, cap, first, rank)
+        if self.lists.is_native:  # bounds and ranks computed in the same compiled call
+            scores, ids, stats = self.lists.search_boxes(q, k, self.bounds, self.rank_shrink, cap, first)
+        else:
+            bound, rank = self._bound_and_rank(split_queries(torch.from_numpy(q)), cap > first)
+            scores, ids, stats = self.lists.search(q, k, bound, cap, first, rank)
         self.searched(q.shape[0], list(stats))
         return scores, ids
 

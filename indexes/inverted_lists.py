@@ -171,6 +171,18 @@ class InvertedLists:
         rank = None if rank is None else rank.contiguous()
         return self._lists.search(q, k, bound, cap, min(nprobe, cap), rank)
 
+    def search_boxes(
+        self, q: np.ndarray, k: int, boxes: torch.Tensor, shrink: float, cap: int, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+        """:meth:`search` with the bound and the rank of every list computed by the compiled library from
+        the lists' boxes ``boxes`` [nlist, 2 dim] float32 (maxima, then minima), inside the same call:
+        the bound of the box, and the rank of the box shrunk about its centre by ``shrink`` (1: ranked by
+        the bound itself; see :mod:`indexes.bounded_ivf`). Compiled lists only (:attr:`is_native`)."""
+        if not isinstance(self._lists, _NativeLists):
+            raise RuntimeError("InvertedLists.search_boxes needs the compiled lists")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        return self._lists.search_boxes(q, k, boxes.contiguous(), float(shrink), cap, min(nprobe, cap))
+
 
 def remaining_bounds(bound: torch.Tensor | None, lists: torch.Tensor) -> torch.Tensor:
     """For lists [m, cap] int64 in the order they are scanned, the largest ``bound`` [m, nlist] of the
@@ -259,6 +271,9 @@ class _NativeLists:
 
     def scan(self, q, k, lists, bounds, nprobe):
         return self._call("scan", self._lib.knn_scan, q, k, lists.shape[1], nprobe, _ptr(lists), _ptr(bounds))
+
+    def search_boxes(self, q, k, boxes, shrink, cap, nprobe):
+        return self._call("search", self._lib.knn_search_boxes, q, k, _ptr(boxes), shrink, cap, nprobe)
 
     def _call(self, what, fn, q, k, *args):
         """``fn(store, m, q, k, *args, scores, ids, stats)``, the C search or scan -> scores, ids, stats."""

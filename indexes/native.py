@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-VERSION = 10  # knn_version() of the C file this module was written for
+VERSION = 11  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ _SIGNATURES = {
     "knn_store_truncate": (None, [_P, _I]),
     "knn_scan": (ctypes.c_int, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _P]),
     "knn_search": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _I, _I, _P, _P, _P]),
+    "knn_search_boxes": (ctypes.c_int, [_P, _I, _P, _I, _P, ctypes.c_double, _I, _I, _P, _P, _P]),
     "knn_gather": (None, [_I, _P, _P, _P, _I, _I, _P, _I, _P]),
     "knn_weighted_gather": (None, [_I, _P, _P, _P, _I, _I, _I, _P, _P, _I, _I, _P]),
     "knn_assign": (ctypes.c_int, [_I, _I, _P, _I, _P, _P, _P, _I]),

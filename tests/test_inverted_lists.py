@@ -453,3 +453,54 @@ def test_rank_shrink_survives_clone_pickle_and_deepcopy():
     ivf.nprobe, ivf.max_nprobe, ivf.rank_shrink = 3, 6, 0.3
     for other in (ivf.clone(), pickle.loads(pickle.dumps(ivf)), copy.deepcopy(ivf)):
         assert (other.nprobe, other.max_nprobe, other.rank_shrink) == (3, 6, 0.3)
+
+
+NATIVE_ENGINES = [e for e in ENGINES if e != "python"]
+
+
+@pytest.mark.skipif(not NATIVE_ENGINES, reason="the compiled lists are not built")
+@pytest.mark.parametrize("engine", NATIVE_ENGINES)
+@pytest.mark.parametrize(
+    ("m", "nlist", "dim", "shrink", "cap", "nprobe"),
+    [
+        (17, 40, 16, 0.25, 4, 4),  # ranked by the shrunk box, no stop test
+        (9, 70, 12, 0.25, 20, 3),  # ... and the bounds for the stop test (2 dim not a multiple of 16)
+        (1, 33, 16, 1.0, 5, 2),  # ranked by the bound; one query (a decoded token)
+        (64, 97, 32, 0.5, 8, 8),  # a window of the embedded model; lists past a block of 32
+        (3, 16, 5, 0.01, 16, 1),
+    ],
+)
+def test_search_from_boxes_ranks_and_stops_as_the_bounds_computed_in_torch(
+    engine, m, nlist, dim, shrink, cap, nprobe
+):
+    """The compiled call that ranks the lists itself from their boxes (the bound of the box and of the box
+    shrunk by ``shrink``, one product of the query rows with the transposed boxes) gives what
+    :meth:`InvertedLists.search` gives with those products computed by torch, on every instruction set."""
+    g = torch.Generator().manual_seed(nlist + dim)
+    n = 30 * nlist
+    owner = torch.randint(0, nlist, (n,), generator=g)
+    centres = torch.randn(nlist, dim, generator=g) * 3
+    keys = (centres[owner] + torch.randn(n, dim, generator=g)).bfloat16()
+    lists = make(engine, nlist, dim, torch.bfloat16)
+    boxes = torch.cat([torch.full((nlist, dim), -1e30), torch.full((nlist, dim), 1e30)], dim=1)
+    counts = torch.zeros(nlist, dtype=torch.int64)
+    lists.add_boxed(keys, owner, torch.arange(n), keys.float(), boxes, counts)
+    q = torch.randn(m, dim, generator=g) * 2
+    split = split_queries(q)
+    bound = split @ boxes.T
+    rank = None if shrink == 1.0 else shrunk_queries(split, shrink) @ boxes.T
+    want = lists.search(q.numpy(), 7, bound, cap, nprobe, rank)
+    got = lists.search_boxes(q.numpy(), 7, boxes, shrink, cap, nprobe)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[2][:2] == want[2][:2]
+    # the ranking matters here: the lists of lowest rank give another result
+    if rank is not None and cap == nprobe:
+        worst = lists.search(q.numpy(), 7, None, cap, nprobe, -rank)
+        assert not np.array_equal(worst[1], want[1])
+
+
+def test_search_from_boxes_needs_the_compiled_lists():
+    lists = make("python", 4, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="compiled lists"):
+        lists.search_boxes(np.zeros((1, 8), np.float32), 1, torch.zeros(4, 16), 1.0, 1, 1)
