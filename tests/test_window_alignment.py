@@ -29,7 +29,10 @@ from longllama.passkey import make_prompt
 # float tolerance for logits of ~25 in magnitude computed in batches of different shapes (float32); the
 # scores of 40 generated tokens drift a little further (measured up to 2.6e-5 with the Faiss backend)
 RTOL = ATOL = 1e-5
-SCORES_ATOL = 1e-4
+# generated scores: float32 rounding of a batch and of a row alone (different matmul kernels) accumulates
+# over 40 greedy steps and a growing memory; measured up to 6e-6 of the largest score (1.4e-4 where the
+# largest is 23, on a CPU with AVX2 only). A misaligned row differs by more than 1 (the "start" test below)
+SCORES_RTOL_OF_MAX = 2e-5
 # the embedded model: W=64, L=32; 40 new tokens overflow the 32-token local cache into memory on the way
 NEW_TOKENS = 40
 MEMORY_SETTINGS = {
@@ -209,6 +212,6 @@ def test_end_aligned_batched_generate_equals_each_row_alone(rows, memory):
     for i, row in enumerate(long_rows):
         alone = model.generate(row[None], **kwargs)
         assert torch.equal(batch.sequences[i, ids.shape[1] :], alone.sequences[0, len(row) :]), f"row {i}"
-        torch.testing.assert_close(
-            batch_scores[i], torch.stack(alone.scores, dim=1)[0], rtol=RTOL, atol=SCORES_ATOL
-        )
+        alone_scores = torch.stack(alone.scores, dim=1)[0]
+        scale = float(alone_scores.abs().max())
+        torch.testing.assert_close(batch_scores[i], alone_scores, rtol=RTOL, atol=SCORES_RTOL_OF_MAX * scale)
