@@ -838,17 +838,147 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void scan_group(cons
     KNN_EACH_GROUP_SIZE(G, KNN_CALL);
 #undef KNN_CALL
 }
+
+/* The same shared scan with AVX2: a block's 16 lanes are two halves of 8, and each query sums four chains
+ * (even and odd rows of each half) as score_avx2 does, in the same order: the same bits. Four chains per
+ * query and 16 registers allow groups of up to KNN_GROUP_AVX2 queries. */
+#define KNN_GROUP_AVX2 3
+#define KNN_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+
+/* Scores of one block for G queries: lanes 0-7 into lo[g], 8-15 into hi[g]; each row loaded once. */
+KNN_AVX2 void block_multi_avx2(const knn_store *s, const float *const *qv, const int G, const int width,
+                               const uint8_t *block, __m256 *lo, __m256 *hi) {
+    __m256 lo0[KNN_GROUP_AVX2], lo1[KNN_GROUP_AVX2], hi0[KNN_GROUP_AVX2], hi1[KNN_GROUP_AVX2];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) lo0[g] = lo1[g] = hi0[g] = hi1[g] = _mm256_setzero_ps();
+    if (width == 2) {
+        const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+        for (int64_t r = 0; r < s->rows; r++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(block + 64 * r));
+            __m256i y = _mm256_loadu_si256((const __m256i *)(block + 64 * r + 32));
+            __asm__("" : "+x"(x), "+x"(y)); /* one load each, not one per use */
+            const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+            const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(x, high));
+            const __m256 ye = _mm256_castsi256_ps(_mm256_slli_epi32(y, 16));
+            const __m256 yo = _mm256_castsi256_ps(_mm256_and_si256(y, high));
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                const __m256 e = _mm256_set1_ps(qv[g][2 * r]), o = _mm256_set1_ps(qv[g][2 * r + 1]);
+                lo0[g] = _mm256_fmadd_ps(xe, e, lo0[g]);
+                lo1[g] = _mm256_fmadd_ps(xo, o, lo1[g]);
+                hi0[g] = _mm256_fmadd_ps(ye, e, hi0[g]);
+                hi1[g] = _mm256_fmadd_ps(yo, o, hi1[g]);
+            }
+        }
+    } else {
+        for (int64_t r = 0; r < s->rows; r++) {
+            const __m256 a = row_half(s, block, r, 0), b = row_half(s, block, r, 1);
+            if (r & 1) {
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) {
+                    const __m256 qr = _mm256_set1_ps(qv[g][r]);
+                    lo1[g] = _mm256_fmadd_ps(a, qr, lo1[g]);
+                    hi1[g] = _mm256_fmadd_ps(b, qr, hi1[g]);
+                }
+            } else {
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) {
+                    const __m256 qr = _mm256_set1_ps(qv[g][r]);
+                    lo0[g] = _mm256_fmadd_ps(a, qr, lo0[g]);
+                    hi0[g] = _mm256_fmadd_ps(b, qr, hi0[g]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) {
+        lo[g] = _mm256_add_ps(lo0[g], lo1[g]);
+        hi[g] = _mm256_add_ps(hi0[g], hi1[g]);
+    }
+}
+
+/* Append the lanes `mask` of one block's scores sc [16] (ids [16]) to the reservoir t, in lane order. */
+static void take_lanes_plain(knn_topk *t, const float *sc, const int32_t *ids, uint32_t mask, int64_t *stats) {
+    if (t->n + KNN_LANES > t->room) topk_trim(t, 0);
+    const int64_t before = t->n;
+    while (mask) {
+        const int lane = __builtin_ctz(mask);
+        mask &= mask - 1u;
+        t->s[t->n] = sc[lane];
+        t->id[t->n] = ids[lane];
+        t->n++;
+    }
+    stats[3] += t->n - before;
+    topk_settle(t);
+}
+
+/* list_multi with AVX2. */
+KNN_AVX2 void list_multi_avx2(const knn_store *s, const knn_list *li, const float *const *qv, const int G,
+                              const int width, knn_topk *const *t, int prefetch, int64_t *stats) {
+    float thr[KNN_GROUP_AVX2];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) thr[g] = t[g]->thr;
+    const uint8_t *codes = (const uint8_t *)li->codes;
+    const int64_t nb = (li->size + KNN_LANES - 1) / KNN_LANES, bb = s->block_bytes;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *block = codes + b * bb;
+        if (prefetch && b + KNN_PREFETCH < nb)
+            for (int64_t at = 0; at < bb; at += 64) _mm_prefetch((const char *)block + KNN_PREFETCH * bb + at, _MM_HINT_T0);
+        __m256 lo[KNN_GROUP_AVX2], hi[KNN_GROUP_AVX2];
+        block_multi_avx2(s, qv, G, width, block, lo, hi);
+        const int64_t valid = li->size - b * KNN_LANES;
+        const uint32_t lanes = valid < KNN_LANES ? (1u << valid) - 1u : 0xffffu;
+        uint32_t masks[KNN_GROUP_AVX2], any = 0;
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) {
+            const __m256 w = _mm256_set1_ps(thr[g]);
+            masks[g] = ((uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(lo[g], w, _CMP_GT_OQ)) |
+                        ((uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(hi[g], w, _CMP_GT_OQ)) << 8)) &
+                       lanes;
+            any |= masks[g];
+        }
+        if (!any) continue;
+        for (int g = 0; g < G; g++) {
+            if (!masks[g]) continue;
+            float sc[KNN_LANES];
+            _mm256_storeu_ps(sc, lo[g]);
+            _mm256_storeu_ps(sc + 8, hi[g]);
+            take_lanes_plain(t[g], sc, li->ids + b * KNN_LANES, masks[g], stats);
+            thr[g] = t[g]->thr;
+        }
+    }
+}
+
+/* list_multi_avx2 with G (1 .. KNN_GROUP_AVX2) and the width as constants. */
+__attribute__((target("avx2,fma,f16c"))) static void scan_group_avx2(const knn_store *s, const knn_list *li,
+                                                                   const float *const *qv, int G,
+                                                                   knn_topk *const *t, int prefetch,
+                                                                   int64_t *stats) {
+#define KNN_CALL(n)                                              \
+    if (s->width == 2)                                           \
+        list_multi_avx2(s, li, qv, n, 2, t, prefetch, stats);    \
+    else                                                         \
+        list_multi_avx2(s, li, qv, n, 1, t, prefetch, stats)
+    switch (G) {
+        case 1: KNN_CALL(1); break;
+        case 2: KNN_CALL(2); break;
+        default: KNN_CALL(KNN_GROUP_AVX2);
+    }
+#undef KNN_CALL
+}
 #endif
 
 /* The first p0 lists of every query (all scanned, in any order): list by list, each block loaded once
  * for every group of up to KNN_GROUP queries that rank the list there (a window's queries share many
  * lists: ~9 queries per list on the embedded model's own queries at 512k keys, 8 lists each). A list's
  * queries are split into groups of equal size (9 -> 5 + 4, not 8 + 1: a group of one is bound by the
- * latency of its loads). AVX-512 only; returns 0 (nothing done) elsewhere, else p0. */
+ * latency of its loads). With AVX-512 (groups of up to KNN_GROUP) or AVX2 (up to KNN_GROUP_AVX2); returns 0
+ * (nothing done) with neither, else p0. */
 static int64_t scan_shared(const knn_store *s, int isa, int64_t m, const float *qps, int64_t dp, const int64_t *ranked,
                            int64_t cap, int64_t p0, knn_topk *tops, int64_t *stats) {
 #ifdef KNN_X86
-    if (isa != ISA_AVX512 || p0 == 0 || m < 2) return 0;
+    if (isa < ISA_AVX2 || p0 == 0 || m < 2) return 0;
+    const int64_t most = isa >= ISA_AVX512 ? KNN_GROUP : KNN_GROUP_AVX2; /* queries per group */
     const int64_t L = s->nlist;
     int64_t *first = (int64_t *)calloc((size_t)L + 1, sizeof(int64_t));
     int32_t *who = (int32_t *)malloc((size_t)(m * p0) * sizeof(int32_t));
@@ -897,7 +1027,7 @@ static int64_t scan_shared(const knn_store *s, int isa, int64_t m, const float *
             for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)next->codes + b, _MM_HINT_T0);
         }
         const int64_t q0 = first[order[o]], nq = first[order[o] + 1] - q0;
-        const int64_t groups = (nq + KNN_GROUP - 1) / KNN_GROUP;
+        const int64_t groups = (nq + most - 1) / most;
         for (int64_t gi = 0, g0 = q0; gi < groups; gi++) {
             const int64_t left = q0 + nq - g0, G = (left + (groups - gi) - 1) / (groups - gi);
             const float *qv[KNN_GROUP];
@@ -908,7 +1038,10 @@ static int64_t scan_shared(const knn_store *s, int isa, int64_t m, const float *
             }
             stats[0] += G;
             stats[1] += G * li->size;
-            scan_group(s, li, qv, (int)G, t, gi == 0, stats);
+            if (isa >= ISA_AVX512)
+                scan_group(s, li, qv, (int)G, t, gi == 0, stats);
+            else
+                scan_group_avx2(s, li, qv, (int)G, t, gi == 0, stats);
             g0 += G;
         }
     }
