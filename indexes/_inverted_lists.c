@@ -9,7 +9,8 @@
  *
  * knn_scan() takes, for each query, its lists in the order to scan them and, for each place, the
  * largest upper bound of q.k over the lists not yet scanned there (the caller computes both;
- * knn_search() ranks the lists itself, by their bound or by another key, from every list's), and scans
+ * knn_search() ranks the lists itself, by their bound or by another key, from every list's, and
+ * knn_search_boxes() computes those from the lists' boxes first), and scans
  * them in that order, keeping the k largest q.k. The first `nprobe` lists are scanned whatever they
  * hold; then the scan stops as soon as that bound is below the k-th score: no key left can enter the
  * top-k, so the result is exact. A query scans at most `cap` lists.
@@ -20,6 +21,9 @@
  * knn_topk_rows() selects the k largest of each row of a score matrix (the exact search, indexes/select.py).
  * knn_add_heads() and knn_search_heads() do the add (assignment included) and the search of every head
  * of a batch row in one call (indexes/batched.py).
+ *
+ * knn_search_boxes() and knn_search_heads() also compute the bounds: one tiled product of the query
+ * rows with the boxes (dot_rows()), so the ranking runs on the threads the heads are split over.
  *
  * The dot products use AVX-512 (F, BW, VL) or AVX2 + FMA + F16C when the CPU has them, chosen at
  * run time; plain C otherwise. Every path sums in float32. The caller validates every argument.
