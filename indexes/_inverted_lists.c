@@ -1412,10 +1412,9 @@ int knn_search(void *h, int64_t m, const float *q, int64_t k, const float *bound
 /* ------------------------------------------------------------------ ranking lists by their boxes */
 
 #define DOT_ROWS 6      /* rows of a tile of dot_tile_avx2: 12 sums in registers, enough to keep both FMA units busy */
-#define DOT_ROWS_512 8  /* rows of a tile of dot_tile_avx512 */
 #define DOT_COLS 32     /* columns of a tile (AVX2: two of 16), and the padding of bt */
 
-/* One tile of dot_rows(): out[r, c] = sum_i xb[r, i] * bt[i, c] for the DOT_ROWS(_512) rows of xb
+/* One tile of dot_rows(): out[r, c] = sum_i xb[r, i] * bt[i, c] for the DOT_ROWS (AVX2) or 1 rows of xb
  * [rows, kk] (the first nr stored) and columns c < nc (<= DOT_COLS) of bt [kk, lp] from its first
  * (zero past the last real column), summed over i in order; out rows are ldo floats apart. */
 static void dot_tile_scalar(const float *xb, int64_t kk, const float *bt, int64_t lp, int64_t nc, int64_t nr,
@@ -1457,37 +1456,16 @@ __attribute__((target("avx2,fma"))) static void dot_tile_avx2(const float *xb, i
         for (int64_t r = 0; r < nr; r++) memcpy(out + r * ldo + 16 * half, tile[r], (size_t)n * sizeof(float));
     }
 }
-
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void dot_tile_avx512(const float *xb, int64_t kk,
-                                                                               const float *bt, int64_t lp,
-                                                                               int64_t nc, int64_t nr, float *out,
-                                                                               int64_t ldo) {
-    __m512 acc[DOT_ROWS_512][2];
-    for (int r = 0; r < DOT_ROWS_512; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < kk; i++) {
-        const __m512 b0 = _mm512_loadu_ps(bt + i * lp), b1 = _mm512_loadu_ps(bt + i * lp + 16);
-        for (int r = 0; r < DOT_ROWS_512; r++) {
-            const __m512 xv = _mm512_set1_ps(xb[r * kk + i]);
-            acc[r][0] = _mm512_fmadd_ps(xv, b0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(xv, b1, acc[r][1]);
-        }
-    }
-    float tile[DOT_ROWS_512][DOT_COLS]; /* as in dot_tile_avx2 */
-    for (int r = 0; r < DOT_ROWS_512; r++) {
-        _mm512_storeu_ps(tile[r], acc[r][0]);
-        _mm512_storeu_ps(tile[r] + 16, acc[r][1]);
-    }
-    for (int64_t r = 0; r < nr; r++) memcpy(out + r * ldo, tile[r], (size_t)nc * sizeof(float));
-}
 #endif
 
 /* out [m, ncol] = x [m, kk] times the transpose of y [ncol, kk]: out[r, c] = sum_i x[r, i] * y[c, i], each
- * sum over i in order, in float32 (fused multiply-adds with AVX2 / AVX-512), the same whatever m. Tiles of
+ * sum over i in order, in float32 (fused multiply-adds where the CPU has AVX2, the AVX2 kernel on AVX-512
+ * CPUs too), the same whatever m. Tiles of
  * DOT_COLS columns outside, rows inside: a tile's columns of y, transposed into an L1-sized buffer (zero
  * past the last column), are read from L1 by every row. Returns 0, or -1 out of memory. */
 static int dot_rows(const float *x, int64_t m, int64_t kk, const float *y, int64_t ncol, float *out) {
     const int isa = knn_isa();
-    const int64_t rows = isa >= ISA_AVX512 ? DOT_ROWS_512 : isa >= ISA_AVX2 ? DOT_ROWS : 1;
+    const int64_t rows = isa >= ISA_AVX2 ? DOT_ROWS : 1;
     const int64_t mp = (m + rows - 1) / rows * rows;
     float *xb = (float *)calloc((size_t)(mp * kk), sizeof(float)); /* x, zero rows to a whole tile */
     float *bt = (float *)malloc((size_t)(kk * DOT_COLS) * sizeof(float));
@@ -1507,9 +1485,7 @@ static int dot_rows(const float *x, int64_t m, int64_t kk, const float *y, int64
             const float *xr = xb + r0 * kk;
             float *o = out + r0 * ncol + c0;
 #ifdef KNN_X86
-            if (isa >= ISA_AVX512)
-                dot_tile_avx512(xr, kk, bt, DOT_COLS, nc, nr, o, ncol);
-            else if (isa >= ISA_AVX2)
+            if (isa >= ISA_AVX2) /* with AVX-512 too: the same sums, from a kernel tested on hardware */
                 dot_tile_avx2(xr, kk, bt, DOT_COLS, nc, nr, o, ncol);
             else
 #endif
