@@ -206,11 +206,15 @@ def memory_attention(
     out_h = []
     for h0 in range(0, H, gh):
         hs = slice(h0, min(h0 + gh, H))
+        # contiguous operands: matmul picks its kernel from the strides, and a one-row view of the
+        # projections' [B, n, H, d] layout takes another kernel (other rounding) than a batch of rows,
+        # so without the copies a row's scores would depend on the batch around it
+        keys_t = local_keys[:, hs].contiguous().transpose(-1, -2)
         out_q = []
         for q0 in range(0, q, gq):
             qs = slice(q0, min(q0 + gq, q))
-            qg = query[:, hs, qs]
-            scores = torch.matmul(qg, local_keys[:, hs].transpose(-1, -2)) / inv_scale
+            qg = query[:, hs, qs].contiguous()
+            scores = torch.matmul(qg, keys_t) / inv_scale
             if local_mask is not None:
                 m = local_mask[:, :, qs] if local_mask.shape[1] == 1 else local_mask[:, hs, qs]
                 scores = scores + m

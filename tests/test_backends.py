@@ -389,6 +389,30 @@ def test_grouping_bounds_the_dense_scores(monkeypatch):
     assert (grouped - full).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("use_memory", [False, True])
+@pytest.mark.parametrize("n", [1, 3, 8, 16])
+def test_a_row_attends_the_same_alone_and_in_a_batch(n, use_memory):
+    """The model hands over q/k/v as [B, n, H, d] projections seen as [B, H, n, d]: a one-row view of
+    that layout must give the bits of the same row inside a batch (prefix groups and batched generate
+    rely on it). Some CPUs' matmul kernels round a strided one-row product differently."""
+    g = torch.Generator().manual_seed(n)
+    B, H, d = 3, 2, 16
+
+    def heads_view(t):  # [B, n, H*d] -> [B, H, n, d], as the model's projections
+        return t.view(B, n, H, d).transpose(1, 2)
+
+    q, k, v = (heads_view(torch.randn(B, n, H * d, generator=g)) for _ in range(3))
+    mask = torch.zeros(B, 1, n, n).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -1e9)
+    mems = []
+    for rows in (B, 1):
+        mem = create_backend("exact", **geometry(rows, H, d, "float32"))
+        mem.add(*(torch.randn(B, H, 7, d, generator=torch.Generator().manual_seed(9))[:rows] for _ in "kv"))
+        mems.append(mem if use_memory else None)
+    batch = memory_attention(q, k, v, mask, memory=mems[0])
+    alone = memory_attention(q[:1], k[:1], v[:1], mask[:1], memory=mems[1])
+    assert torch.equal(batch[:1], alone)
+
+
 @pytest.mark.parametrize("mem_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("query_grad", [False, True])
 def test_gradients_flow_through_exact_memory(mem_dtype, query_grad):

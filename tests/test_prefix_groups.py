@@ -4,7 +4,7 @@ them one window at a time gives: the same logits, hidden states and memory, bit 
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import longllama.modeling as modeling
@@ -67,6 +67,8 @@ def _assert_same_memories(a: LongLlamaCache, b: LongLlamaCache) -> None:
     use_cache=st.booleans(),
     group_tokens=st.sampled_from([32, 48, 2048]),
 )
+# two 8-token windows grouped: a one-row product of strided q/k rounds differently on some CPUs
+@example(n=16, batch=1, pad=0, backend="exact", alignment="start", use_cache=False, group_tokens=32)
 def test_grouped_prefix_equals_window_by_window(
     monkeypatch, n, batch, pad, backend, alignment, use_cache, group_tokens
 ):
