@@ -42,7 +42,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 11
+#define KNN_VERSION 12
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -1576,7 +1576,7 @@ void knn_gather(int64_t nchunks, const uint8_t *const *bases, const int64_t *sta
 /* The weighted sum of gathered rows, without gathering them: out [heads, q, dim] float32 receives, for
  * each head h and query i, the sum over j < k of probs[(h * q + i) * k + j] times the row of entry
  * ids[(h * q + i) * k + j] (chunks as knn_gather() reads them; rows of dim elements of `kind`), in
- * order of j, in float32 (fused multiply-adds with AVX-512); an id outside 0 .. starts[nchunks] - 1
+ * order of j, in float32 (fused multiply-adds with AVX-512 or AVX2); an id outside 0 .. starts[nchunks] - 1
  * or a weight of 0 adds nothing. (Attention over top-k hits: the [q, k, dim] values of a window are
  * never materialised.) */
 #ifdef KNN_X86
@@ -1624,21 +1624,95 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void weighted_avx512
         }
     }
 }
+
+/* Eight elements of a row as float32 (bfloat16: shifted into the high half; float16: converted). */
+KNN_AVX2 __m256 row8(const uint8_t *row, int64_t kind) {
+    if (kind == KIND_F32) return _mm256_loadu_ps((const float *)row);
+    const __m128i h = _mm_loadu_si128((const __m128i *)row);
+    if (kind == KIND_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+/* One query's weighted sum with AVX2: dims in tiles of up to 32 (four registers), the last < 8 dims
+ * of a row one at a time; every dim is the same chain of fused multiply-adds over j as with AVX-512. */
+__attribute__((target("avx2,fma,f16c"))) static void weighted_avx2(
+    const uint8_t *const *bases, const int64_t *starts, const int64_t *head_strides, int64_t nchunks, int64_t h,
+    const int64_t *ids, const float *w, int64_t k, int64_t dim, int64_t kind, int64_t row_bytes, float *o) {
+    const int64_t total = starts[nchunks], size = kind == KIND_F32 ? 4 : 2, full = dim - dim % 8;
+    for (int64_t t0 = 0; t0 < full; t0 += 32) {
+        const int V = full - t0 >= 32 ? 4 : (int)((full - t0) / 8);
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t e = ids[j];
+            if (e < 0 || e >= total || w[j] == 0.0f) continue;
+            const uint8_t *row = row_of(bases, starts, head_strides, nchunks, h, e, row_bytes) + t0 * size;
+            const __m256 p = _mm256_set1_ps(w[j]);
+            switch (V) { /* the register count a constant: the loop unrolled */
+            case 4: acc[3] = _mm256_fmadd_ps(p, row8(row + 24 * size, kind), acc[3]); /* fall through */
+            case 3: acc[2] = _mm256_fmadd_ps(p, row8(row + 16 * size, kind), acc[2]); /* fall through */
+            case 2: acc[1] = _mm256_fmadd_ps(p, row8(row + 8 * size, kind), acc[1]); /* fall through */
+            default: acc[0] = _mm256_fmadd_ps(p, row8(row, kind), acc[0]);
+            }
+        }
+        for (int v = 0; v < V; v++) _mm256_storeu_ps(o + t0 + 8 * v, acc[v]);
+    }
+    for (int64_t t = full; t < dim; t++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t e = ids[j];
+            if (e < 0 || e >= total || w[j] == 0.0f) continue;
+            const uint8_t *row = row_of(bases, starts, head_strides, nchunks, h, e, row_bytes);
+            const float v = kind == KIND_F32    ? ((const float *)row)[t]
+                            : kind == KIND_BF16 ? bf16_to_f32(((const uint16_t *)row)[t])
+                                                : f16_to_f32(((const uint16_t *)row)[t]);
+            acc = fmaf(w[j], v, acc);
+        }
+        o[t] = acc;
+    }
+}
 #endif
+
+/* Ask the cache for every line of the rows that one query of knn_weighted_gather() will read: the
+ * rows of a large memory are cache misses, and waiting on them one row at a time left the gather at
+ * a fraction of the memory's bandwidth. */
+static void prefetch_rows(const uint8_t *const *bases, const int64_t *starts, const int64_t *head_strides,
+                          int64_t nchunks, int64_t h, const int64_t *ids, const float *w, int64_t k,
+                          int64_t row_bytes) {
+#ifdef KNN_X86
+    const int64_t total = starts[nchunks];
+    for (int64_t j = 0; j < k; j++) {
+        const int64_t e = ids[j];
+        if (e < 0 || e >= total || w[j] == 0.0f) continue;
+        const uint8_t *row = row_of(bases, starts, head_strides, nchunks, h, e, row_bytes);
+        for (int64_t at = 0; at < row_bytes; at += 64) _mm_prefetch((const char *)row + at, _MM_HINT_T0);
+        if (row_bytes % 64) _mm_prefetch((const char *)row + row_bytes - 1, _MM_HINT_T0); /* the last line */
+    }
+#else
+    (void)bases, (void)starts, (void)head_strides, (void)nchunks, (void)h, (void)ids, (void)w, (void)k,
+        (void)row_bytes;
+#endif
+}
 
 void knn_weighted_gather(int64_t nchunks, const uint8_t *const *bases, const int64_t *starts,
                          const int64_t *head_strides, int64_t heads, int64_t q, int64_t k, const int64_t *ids,
                          const float *probs, int64_t dim, int64_t kind, float *out) {
     const int64_t total = starts[nchunks], size = kind == KIND_F32 ? 4 : 2, row_bytes = dim * size;
     const int isa = knn_isa();
+    if (heads > 0 && q > 0) prefetch_rows(bases, starts, head_strides, nchunks, 0, ids, probs, k, row_bytes);
     for (int64_t h = 0; h < heads; h++) {
         for (int64_t i = 0; i < q; i++) {
             const int64_t *id = ids + (h * q + i) * k;
             const float *w = probs + (h * q + i) * k;
             float *o = out + (h * q + i) * dim;
+            if (h * q + i + 1 < heads * q) /* the next query's rows load while this one sums */
+                prefetch_rows(bases, starts, head_strides, nchunks, (h * q + i + 1) / q, id + k, w + k, k, row_bytes);
 #ifdef KNN_X86
             if (isa >= ISA_AVX512) {
                 weighted_avx512(bases, starts, head_strides, nchunks, h, id, w, k, dim, kind, row_bytes, o);
+                continue;
+            }
+            if (isa >= ISA_AVX2) {
+                weighted_avx2(bases, starts, head_strides, nchunks, h, id, w, k, dim, kind, row_bytes, o);
                 continue;
             }
 #endif

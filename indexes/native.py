@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-VERSION = 11  # knn_version() of the C file this module was written for
+VERSION = 12  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def weighted_rows(views: list[torch.Tensor], ids: torch.Tensor, probs: torch.Ten
 
     Returns:
         [h, q, d] float32: ``sum_j probs[..., j] * row(ids[..., j])``, summed in order of j in float32
-        (fused multiply-adds where the CPU has AVX-512). None: library missing, or an argument on another
+        (fused multiply-adds where the CPU has AVX-512 or AVX2). None: library missing, or an argument on another
         device, of another dtype or layout.
     """
     import torch
