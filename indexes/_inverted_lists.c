@@ -42,7 +42,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 12
+#define KNN_VERSION 13
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
@@ -1458,6 +1458,27 @@ __attribute__((target("avx2,fma"))) static void dot_tile_avx2(const float *xb, i
 }
 #endif
 
+#ifdef KNN_X86
+/* dot_rows() for one row with AVX2 (a decoded token): the columns of y read where they are, 8 sums at a
+ * time, each the same chain of fused multiply-adds over i as in dot_tile_avx2(), so the same bits. A
+ * tile would transpose every column of y for a single row. */
+__attribute__((target("avx2,fma"))) static void dot_row_avx2(const float *x, int64_t kk, const float *y, int64_t ncol,
+                                                             float *out) {
+    int64_t c = 0;
+    for (; c + 8 <= ncol; c += 8) {
+        float acc[8] = {0};
+        for (int64_t i = 0; i < kk; i++)
+            for (int j = 0; j < 8; j++) acc[j] = fmaf(x[i], y[(c + j) * kk + i], acc[j]);
+        memcpy(out + c, acc, sizeof acc);
+    }
+    for (; c < ncol; c++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < kk; i++) acc = fmaf(x[i], y[c * kk + i], acc);
+        out[c] = acc;
+    }
+}
+#endif
+
 /* out [m, ncol] = x [m, kk] times the transpose of y [ncol, kk]: out[r, c] = sum_i x[r, i] * y[c, i], each
  * sum over i in order, in float32 (fused multiply-adds where the CPU has AVX2, the AVX2 kernel on AVX-512
  * CPUs too), the same whatever m. Tiles of
@@ -1465,6 +1486,12 @@ __attribute__((target("avx2,fma"))) static void dot_tile_avx2(const float *xb, i
  * past the last column), are read from L1 by every row. Returns 0, or -1 out of memory. */
 static int dot_rows(const float *x, int64_t m, int64_t kk, const float *y, int64_t ncol, float *out) {
     const int isa = knn_isa();
+#ifdef KNN_X86
+    if (isa >= ISA_AVX2 && m == 1) {
+        dot_row_avx2(x, kk, y, ncol, out);
+        return 0;
+    }
+#endif
     const int64_t rows = isa >= ISA_AVX2 ? DOT_ROWS : 1;
     const int64_t mp = (m + rows - 1) / rows * rows;
     float *xb = (float *)calloc((size_t)(mp * kk), sizeof(float)); /* x, zero rows to a whole tile */
