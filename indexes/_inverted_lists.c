@@ -305,11 +305,14 @@ static inline float f16_to_f32(uint16_t h) {
  * zero-padded past `dim`): out[b * KNN_LANES + lane] = q . key, and masks[b] has the bits of the lanes
  * whose score is above `worst`. Lanes past a list's last key are scored too (the caller ignores them).
  */
-static inline float elem(const knn_store *s, const uint8_t *block, int64_t at) {
-    if (s->kind == KIND_F32) return ((const float *)block)[at];
-    if (s->kind == KIND_BF16) return bf16_to_f32(((const uint16_t *)block)[at]);
-    return f16_to_f32(((const uint16_t *)block)[at]);
+/* Element `at` of `kind` from `data`, as float32. */
+static inline float kind_elem(int64_t kind, const uint8_t *data, int64_t at) {
+    if (kind == KIND_F32) return ((const float *)data)[at];
+    if (kind == KIND_BF16) return bf16_to_f32(((const uint16_t *)data)[at]);
+    return f16_to_f32(((const uint16_t *)data)[at]);
 }
+
+static inline float elem(const knn_store *s, const uint8_t *block, int64_t at) { return kind_elem(s->kind, block, at); }
 
 static void score_scalar(const knn_store *s, const float *qp, const uint8_t *blocks, int64_t nb, float worst,
                          float *out, uint32_t *masks) {
@@ -1660,15 +1663,18 @@ KNN_AVX2 __m256 row8(const uint8_t *row, int64_t kind) {
     return _mm256_cvtph_ps(h);
 }
 
-/* One query's weighted sum with AVX2: dims in tiles of up to 32 (four registers), the last < 8 dims
- * of a row one at a time; every dim is the same chain of fused multiply-adds over j as with AVX-512. */
+/* One query's weighted sum with AVX2: dims in tiles of up to 32 (four registers; the last < 8 dims of
+ * a row one at a time, in the same pass over the hits); every dim is the same chain of fused
+ * multiply-adds over j as with AVX-512. */
 __attribute__((target("avx2,fma,f16c"))) static void weighted_avx2(
     const uint8_t *const *bases, const int64_t *starts, const int64_t *head_strides, int64_t nchunks, int64_t h,
     const int64_t *ids, const float *w, int64_t k, int64_t dim, int64_t kind, int64_t row_bytes, float *o) {
-    const int64_t total = starts[nchunks], size = kind == KIND_F32 ? 4 : 2, full = dim - dim % 8;
-    for (int64_t t0 = 0; t0 < full; t0 += 32) {
-        const int V = full - t0 >= 32 ? 4 : (int)((full - t0) / 8);
+    const int64_t total = starts[nchunks], size = kind == KIND_F32 ? 4 : 2;
+    for (int64_t t0 = 0; t0 < dim; t0 += 32) {
+        const int64_t width = dim - t0 < 32 ? dim - t0 : 32;
+        const int V = (int)(width / 8), rest = (int)(width % 8);
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        float tail[8] = {0};
         for (int64_t j = 0; j < k; j++) {
             const int64_t e = ids[j];
             if (e < 0 || e >= total || w[j] == 0.0f) continue;
@@ -1678,23 +1684,13 @@ __attribute__((target("avx2,fma,f16c"))) static void weighted_avx2(
             case 4: acc[3] = _mm256_fmadd_ps(p, row8(row + 24 * size, kind), acc[3]); /* fall through */
             case 3: acc[2] = _mm256_fmadd_ps(p, row8(row + 16 * size, kind), acc[2]); /* fall through */
             case 2: acc[1] = _mm256_fmadd_ps(p, row8(row + 8 * size, kind), acc[1]); /* fall through */
-            default: acc[0] = _mm256_fmadd_ps(p, row8(row, kind), acc[0]);
+            case 1: acc[0] = _mm256_fmadd_ps(p, row8(row, kind), acc[0]); /* fall through */
+            default: break;
             }
+            for (int t = 0; t < rest; t++) tail[t] = fmaf(w[j], kind_elem(kind, row, 8 * V + t), tail[t]);
         }
         for (int v = 0; v < V; v++) _mm256_storeu_ps(o + t0 + 8 * v, acc[v]);
-    }
-    for (int64_t t = full; t < dim; t++) {
-        float acc = 0.0f;
-        for (int64_t j = 0; j < k; j++) {
-            const int64_t e = ids[j];
-            if (e < 0 || e >= total || w[j] == 0.0f) continue;
-            const uint8_t *row = row_of(bases, starts, head_strides, nchunks, h, e, row_bytes);
-            const float v = kind == KIND_F32    ? ((const float *)row)[t]
-                            : kind == KIND_BF16 ? bf16_to_f32(((const uint16_t *)row)[t])
-                                                : f16_to_f32(((const uint16_t *)row)[t]);
-            acc = fmaf(w[j], v, acc);
-        }
-        o[t] = acc;
+        memcpy(o + t0 + 8 * V, tail, (size_t)rest * sizeof(float));
     }
 }
 #endif
@@ -1748,12 +1744,7 @@ void knn_weighted_gather(int64_t nchunks, const uint8_t *const *bases, const int
                 const int64_t e = id[j];
                 if (e < 0 || e >= total || w[j] == 0.0f) continue;
                 const uint8_t *row = row_of(bases, starts, head_strides, nchunks, h, e, row_bytes);
-                for (int64_t t = 0; t < dim; t++) {
-                    const float v = kind == KIND_F32    ? ((const float *)row)[t]
-                                    : kind == KIND_BF16 ? bf16_to_f32(((const uint16_t *)row)[t])
-                                                        : f16_to_f32(((const uint16_t *)row)[t]);
-                    o[t] += w[j] * v;
-                }
+                for (int64_t t = 0; t < dim; t++) o[t] += w[j] * kind_elem(kind, row, t);
             }
         }
     }
