@@ -14,7 +14,7 @@ one store per batch row and head, and answers each query with memory entries: al
 import indexes  # noqa: F401  isort: skip
 
 from knn_memory.agreement import AgreementReport, compare_backends, measure_agreement
-from knn_memory.attention import memory_attention
+from knn_memory.attention import memory_attention, memory_attention_windows
 from knn_memory.backend import MemoryBackend, MemoryCheckpoint, resolve_dtype
 from knn_memory.backends.exact import ExactBackend
 from knn_memory.backends.faiss_index import FaissBackend, search_knobs
@@ -37,6 +37,7 @@ __all__ = [
     "load_backend",
     "measure_agreement",
     "memory_attention",
+    "memory_attention_windows",
     "register_backend",
     "resolve_dtype",
     "save_backend",

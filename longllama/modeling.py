@@ -201,23 +201,24 @@ class LongLlamaAttention(nn.Module):
             out = self._attend(q, keys, values, window.attention_mask, memory, k, v, window)  # [B, H, n, d]
         else:
             # G stacked prefix windows: each attends to the memory of every window before it, so they
-            # take the memory one after the other, exactly as separate calls would
+            # search the memory one after the other, each adding its keys before the next searches
             rows = B // window.group
-            out = torch.cat(
-                [
-                    self._attend(
-                        q[r : r + rows],
-                        keys[r : r + rows],
-                        values[r : r + rows],
-                        window.attention_mask[r : r + rows],
-                        memory,
-                        k[r : r + rows],
-                        v[r : r + rows],
-                        window,
-                        window.mask[r : r + rows],
-                    )
-                    for r in range(0, B, rows)
-                ]
+
+            def add_window(g: int) -> None:
+                if window.memory_after_attention:
+                    r = slice(g * rows, (g + 1) * rows)
+                    add_to_memory(memory, k[r], v[r], window.mask[r])
+
+            out = knn_memory.memory_attention_windows(
+                q,
+                keys,
+                values,
+                window.attention_mask,
+                memory,
+                windows=window.group,
+                after_search=add_window,
+                grouping=self.grouping,
+                use_sdpa=self.use_sdpa,
             )
         return self.o_proj(out.transpose(1, 2).reshape(B, n, D))
 
