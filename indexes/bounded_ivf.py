@@ -45,11 +45,9 @@ import faiss
 import numpy as np
 import torch
 
-from indexes import native
 from indexes.inverted_lists import KINDS, InvertedLists
 from indexes.quantizer import Quantizer
 from indexes.select import top_k
-from indexes.threads import faiss_threads
 
 ASSIGN_BLOCK = 65536
 EMPTY = 1e30  # placeholder bound of an empty list (finite: no inf * 0 in the bound's matmul)
@@ -87,19 +85,8 @@ def check_ids(index: faiss.IndexIVF) -> None:
         )
 
 
-def train_centroids(sample: np.ndarray, lists: int, niter: int, threads: int = 1) -> torch.Tensor:
-    """L2 k-means of ``sample`` [s, d] float32 into ``lists`` centroids -> [lists, d] float32 (Faiss), on
-    up to ``threads`` OpenMP threads (one in a forked child: :func:`indexes.native.split_threads`).
-
-    The centroids are the same for every thread count: Faiss splits the assignment by point and the
-    update by centroid, and sums each centroid's points in order. Two threads take 0.57-0.67 s where
-    one takes 1.0 s (46k points into 1448 lists, head_dim 32: a rebuild's k-means at 512k keys).
-    """
-    with faiss_threads(max(1, native.split_threads(threads))):
-        return _kmeans(sample, lists, niter)
-
-
-def _kmeans(sample: np.ndarray, lists: int, niter: int) -> torch.Tensor:
+def train_centroids(sample: np.ndarray, lists: int, niter: int) -> torch.Tensor:
+    """L2 k-means of ``sample`` [s, d] float32 into ``lists`` centroids -> [lists, d] float32 (Faiss)."""
     dim = sample.shape[1]
     params = faiss.ClusteringParameters()
     params.niter = niter
@@ -192,7 +179,7 @@ class BoundedIVF:
     ) -> BoundedIVF:
         """Train on ``sample`` [s, d] and add ``keys`` [n, d] (float32, ids 0..n-1), assigning them to
         lists on up to ``threads`` threads."""
-        new = cls.empty(train_centroids(sample, lists, niter, threads), store_dtype)
+        new = cls.empty(train_centroids(sample, lists, niter), store_dtype)
         x = torch.from_numpy(keys)
         blocks = range(0, x.shape[0], ASSIGN_BLOCK)
         assign = torch.cat([new.assign(x[b : b + ASSIGN_BLOCK], threads) for b in blocks])

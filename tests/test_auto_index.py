@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import knn_memory
-from indexes import GrowthPolicy, StreamingIndex, native
-from indexes.bounded_ivf import BoundedIVF, train_centroids
+from indexes import GrowthPolicy, StreamingIndex
+from indexes.bounded_ivf import BoundedIVF
 
 D = 8
 
@@ -256,14 +256,3 @@ def test_nbytes_counts_the_arrays_held_and_is_near_dense(index):
         assert mem.nbytes <= fixed + (2 * 2 * 1280 * 1.25 + lists * 31) * per_key
     if index == "Flat":
         assert mem.nbytes <= dense.nbytes
-
-
-@pytest.mark.skipif(native.split_threads(2) < 2, reason="the library cannot split work over threads here")
-def test_kmeans_gives_the_same_centroids_on_one_and_two_threads():
-    """A rebuild's k-means runs on the add's threads; the lists must not depend on how many there are."""
-    sample = torch.randn(6000, 16, generator=torch.Generator().manual_seed(4)).numpy()
-    before = faiss.omp_get_max_threads()
-    one = train_centroids(sample, 96, 5, threads=1)
-    two = train_centroids(sample, 96, 5, threads=2)
-    assert torch.equal(one, two)
-    assert faiss.omp_get_max_threads() == before  # the caller's thread count is put back
