@@ -20,8 +20,9 @@ How one call runs (upstream LongLLaMA's semantics, see ``split_windows``):
   relative to the oldest local key. Memory keys are never rotated (position 0), queries always are.
 * Consecutive prefix windows of one length with no local cache depend on each other only through the
   memory: up to ``GROUP_TOKENS`` tokens of them run as one batch (embeddings, projections, RoPE, MLPs,
-  norms, local attention), and each memory layer attends and adds to its memory window by window, in
-  order. The result is bit for bit that of running them one by one; short windows (the embedded model's
+  norms, local attention), and each memory layer searches and adds to its memory window by window, in
+  order (:func:`knn_memory.memory_attention_windows`, which runs the rest of the group's attention at
+  once). The result is bit for bit that of running them one by one; short windows (the embedded model's
   64 tokens) no longer pay the per-call cost of every small operation once per window.
 * Every layer calls ``knn_memory.memory_attention`` (memory layers pass their memory backend): one softmax
   over [local keys ; memory entries], upstream's numerics.
@@ -232,16 +233,15 @@ class LongLlamaAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         window: WindowContext,
-        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of one window's queries ``q`` [B, H, n, d] over its local ``keys``/``values`` and the
-        memory, which then receives the window's un-rotated ``k``/``v`` [B, H, n, d] if the window goes to
-        memory (``mask`` [B, n]: its real tokens, default ``window.mask``). -> [B, H, n, d]."""
+        memory, which then receives the window's un-rotated ``k``/``v`` [B, H, n, d] (its real tokens:
+        ``window.mask``) if the window goes to memory. -> [B, H, n, d]."""
         out = knn_memory.memory_attention(
             q, keys, values, attention_mask, memory, grouping=self.grouping, use_sdpa=self.use_sdpa
         )
         if memory is not None and window.memory_after_attention:
-            add_to_memory(memory, k, v, window.mask if mask is None else mask)
+            add_to_memory(memory, k, v, window.mask)
         return out
 
 
