@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -64,9 +65,15 @@ class Timers:
         # what the "auto" index's searches did: queries, lists and keys scanned, queries capped
         self.scan: dict[str, int] = defaultdict(int)
         self._stack: list[float] = []  # children's time of each open call
+        # only calls on this thread are timed: a call on a worker thread (rebuilds side by side) runs
+        # inside a timed call of this one, which its time is part of
+        self._owner = threading.get_ident()
+        self.lock = threading.Lock()  # the work counts, which worker threads add to as well
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
+            if threading.get_ident() != self._owner:
+                return fn(*args, **kwargs)
             self._stack.append(0.0)
             start = time.perf_counter()
             try:
@@ -94,7 +101,9 @@ def instrumented(timers: Timers, head_dim: int):
 
         def counted(*args, **kwargs):
             if work is not None:
-                timers.work[name] += work(*args, **kwargs)
+                amount = work(*args, **kwargs)
+                with timers.lock:
+                    timers.work[name] += amount
             return timed(*args, **kwargs)
 
         patches.append((owner, attr, original))
@@ -139,6 +148,8 @@ def instrumented(timers: Timers, head_dim: int):
     patches.append((batched, "_exact_many", batched._exact_many))
     batched._exact_many = exact_many_counting
     patch(StreamingIndex, "_build", "build", build_work)
+    # a row's rebuilds, side by side on worker threads or one after the other (each a "build" above)
+    patch(batched, "rebuild_many", "build")
     patch(StreamingIndex, "add_checked", "index.add")
     # the "auto" index is searched one (row, head) at a time (BoundedIVF.search) or all heads of a row
     # at once (indexes.batched); both rank lists by a product with their boxes (two where the rank is not
@@ -188,7 +199,7 @@ def model_flop_per_token(config) -> float:
 def phase_table(
     timers: Timers, wall: float, flop_rate: float, bandwidth: float, model_flop: float
 ) -> list[dict]:
-    ex, inc, work = timers.exclusive, timers.inclusive, timers.work
+    ex, work = timers.exclusive, timers.work
     memory = sum(ex.values())  # every timed call is the memory's, nested or not
     rows = [
         ("model forward", wall - memory, model_flop / flop_rate),
@@ -202,7 +213,7 @@ def phase_table(
             ex["backend.add"] + ex["index.add"] + ex["index.bounded_add"],
             work["backend.add"] / bandwidth,
         ),
-        ("index builds", inc["build"], work["build"] / flop_rate),
+        ("index builds", ex["build"], work["build"] / flop_rate),
         ("dispatch and Python overhead", ex["backend.search"], 0.0),
     ]
     out = []

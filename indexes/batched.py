@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import faiss
 import numpy as np
 import torch
 
@@ -24,8 +25,12 @@ from indexes.bounded_ivf import BoundedIVF
 from indexes.protocol import KeyIndex
 from indexes.select import top_k
 from indexes.streaming import SELECT_SCORES, StreamingIndex, pad_to_k, score_buffer
+from indexes.threads import faiss_threads, fan_out
 
 SPLIT_WORK = 1 << 21  # multiply-adds of a compiled add or search per thread it may split over
+# float32 key copies that rebuilds running side by side may hold at once (256 MiB: two heads of 1M keys
+# of head_dim 32); larger rebuilds run one after the other, so the peak memory of a long run is unchanged
+TOGETHER_BYTES = 256 * 2**20
 
 
 def all_compiled(indexes: Sequence[KeyIndex]) -> bool:
@@ -64,8 +69,32 @@ def add_many(indexes: Sequence[KeyIndex], keys: torch.Tensor, threads: int = 1) 
     n = keys.shape[1]
     work = n * keys.shape[2] * sum(ivf.nlist for ivf in ivfs)  # the assignment's matmul
     _compiled_add(table, keys, codes, _parts(len(ivfs), work, threads))
-    for ix, ivf in zip(indexes, ivfs, strict=True):
-        ix.added_to(ivf, n, threads)
+    due = [ix for ix, ivf in zip(indexes, ivfs, strict=True) if ix.added_to(ivf, n)]
+    if due:
+        rebuild_many(due, threads)
+
+
+def rebuild_many(indexes: Sequence[StreamingIndex], threads: int = 1) -> None:
+    """Rebuild ``indexes`` (their rebuilds are due: every head of a row comes due at the same add).
+
+    With several threads and more than one index, while the rebuilds' float32 copies of their keys are
+    small (``TOGETHER_BYTES`` for all that run at once), they run side by side, each assigning its keys on
+    one thread. Faiss's k-means does not give the same centroids on every thread count, so each runs it
+    on the caller's Faiss thread count, as one after the other would: the lists are the same either way.
+    Otherwise one after the other, each assigning its keys on ``threads`` threads.
+    """
+    width = min(len(indexes), native.split_threads(threads))
+    if width > 1 and width * max(ix.rebuild_bytes() for ix in indexes) <= TOGETHER_BYTES:
+        kmeans_threads = faiss.omp_get_max_threads()  # the caller's, which a rebuild here would use
+
+        def rebuild(ix: StreamingIndex) -> None:
+            with faiss_threads(kmeans_threads):
+                ix.rebuild(1)
+
+        fan_out(rebuild, indexes, width)
+        return
+    for ix in indexes:
+        ix.rebuild(threads)
 
 
 def search_many(

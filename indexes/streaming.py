@@ -453,13 +453,21 @@ class StreamingIndex:
             return None
         return views[0]
 
-    def added_to(self, index: BoundedIVF, n: int, threads: int = 1) -> None:
-        """Finish an add of ``n`` keys made straight into :meth:`compiled_ivf`: count them, rebuild if due
-        (assigning the keys to the new lists on up to ``threads`` threads)."""
+    def added_to(self, index: BoundedIVF, n: int) -> bool:
+        """Count an add of ``n`` keys made straight into :meth:`compiled_ivf`. Returns whether a rebuild
+        is now due, which the caller runs (:meth:`rebuild`)."""
         index.added(n)
         self._ntotal += n
-        if self._rebuild_due():
-            self._build(threads)
+        return self._rebuild_due()
+
+    def rebuild(self, threads: int = 1) -> None:
+        """Rebuild now (after :meth:`added_to` said it is due), assigning the keys to the new lists on up
+        to ``threads`` threads (the same lists on any number)."""
+        self._build(threads)
+
+    def rebuild_bytes(self) -> int:
+        """Bytes a rebuild holds beside the index while it runs: every key as float32."""
+        return self._ntotal * self.dim * 4
 
     def _first_build_at(self) -> int:
         if self.policy is not None:

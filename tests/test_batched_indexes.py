@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import faiss
 import pytest
 import torch
 from hypothesis import given, settings
@@ -176,6 +177,11 @@ def test_heads_split_over_threads_equal_one_thread(monkeypatch, heads, threads):
     for name in ("_compiled_add", "_compiled_search"):
         real = getattr(batched, name)
         monkeypatch.setattr(batched, name, lambda *a, real=real: parts.append(a[-1]) or real(*a))
+    side_by_side = []
+    real_fan_out = batched.fan_out
+    monkeypatch.setattr(
+        batched, "fan_out", lambda fn, items, w: side_by_side.append(w) or real_fan_out(fn, items, w)
+    )
     split, single = new_indexes(heads, torch.bfloat16), new_indexes(heads, torch.bfloat16)
     for step, n in enumerate([40, 30, 60, 5, 90, 200, 7]):
         x = keys_like(heads, n, 100 + step, torch.bfloat16)
@@ -187,6 +193,34 @@ def test_heads_split_over_threads_equal_one_thread(monkeypatch, heads, threads):
         assert torch.equal(got_s, want_s) and torch.equal(got_i, want_i)
         assert_same_state(split, single)
     assert max(parts) == min(heads, threads)  # the threaded calls did run (the others on one thread)
+    assert side_by_side and set(side_by_side) == {min(heads, threads)}  # so did the rebuilds
+
+
+@needs_openmp
+def test_rebuilds_side_by_side_keep_the_callers_kmeans_threads_and_memory_budget(monkeypatch):
+    """Rebuilds on worker threads run Faiss's k-means on the caller's thread count (its centroids depend
+    on it); past the memory budget of their key copies they run one after the other."""
+    seen = []
+    real_rebuild = StreamingIndex.rebuild
+    monkeypatch.setattr(
+        StreamingIndex,
+        "rebuild",
+        lambda self, t=1: seen.append((t, faiss.omp_get_max_threads())) or real_rebuild(self, t),
+    )
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    try:
+        indexes = new_indexes(4, torch.bfloat16)
+        add_many(indexes, keys_like(4, 60, 0, torch.bfloat16), 2)  # the first build, from the exact phase
+        assert seen == [] and all(ix.compiled_ivf() is not None for ix in indexes)
+        add_many(indexes, keys_like(4, 60, 1, torch.bfloat16), 2)  # 120 keys: a rebuild is due
+        assert seen == [(1, 3)] * 4  # side by side: one thread each for the assignment, k-means on 3
+        seen.clear()
+        monkeypatch.setattr(batched, "TOGETHER_BYTES", 0)
+        add_many(indexes, keys_like(4, 120, 2, torch.bfloat16), 2)  # 240 keys: the next one
+        assert seen == [(2, 3)] * 4  # one after the other, in the calling thread
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 @needs_openmp

@@ -380,3 +380,28 @@ def test_phase_profile_accounts_for_every_search_path(monkeypatch, one_call_per_
     assert result["calls"]["search.scan"] > 0 and result["calls"]["index.bounded_add"] > 0
     assert result["scan"]["queries"] > 0 and result["scan"]["keys_scanned"] > 0
     assert result["lists_per_head"] > 0
+
+
+def test_phase_profile_times_rebuilds_side_by_side_once(monkeypatch):
+    """With ``workers=2`` a row's rebuilds run on worker threads: their time counts once, as index builds
+    (the wall time of the row's rebuilds), and the phases still add up to the wall time."""
+    from benchmarks import phases
+    from indexes import batched, native
+
+    if native.split_threads(2) < 2:
+        pytest.skip("the library cannot split work over threads here")
+    monkeypatch.setattr(phases, "matmul_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(phases, "read_bandwidth_gbs", lambda *a, **k: 10.0)
+    widths = []
+    real_fan_out = batched.fan_out
+    monkeypatch.setattr(
+        batched, "fan_out", lambda fn, items, w: widths.append(w) or real_fan_out(fn, items, w)
+    )
+    result = phases.run(2048, "faiss:auto:exact_until=256:workers=2", 8, None, 1, 0, 0)
+    seconds = {row["phase"]: row["seconds"] for row in result["phases"]}
+    assert widths and set(widths) == {2}  # the rebuilds did run side by side
+    assert sum(seconds.values()) == pytest.approx(result["prefill_seconds"], rel=1e-6)
+    assert 0 < seconds["index builds"] < result["prefill_seconds"]
+    assert seconds["model forward"] > 0
+    builds = next(row for row in result["phases"] if row["phase"] == "index builds")
+    assert builds["floor_seconds"] > 0  # the work of the rebuilds on worker threads is counted
