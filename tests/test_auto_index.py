@@ -256,3 +256,15 @@ def test_nbytes_counts_the_arrays_held_and_is_near_dense(index):
         assert mem.nbytes <= fixed + (2 * 2 * 1280 * 1.25 + lists * 31) * per_key
     if index == "Flat":
         assert mem.nbytes <= dense.nbytes
+
+
+def test_decode_all_widens_block_by_block_into_id_order(monkeypatch):
+    """A rebuild decodes every key to float32 a block at a time: the keys come back exactly, in id
+    order, whatever the block size (here 7 keys, so blocks end inside lists)."""
+    import indexes.bounded_ivf as bounded_ivf
+
+    g = torch.Generator().manual_seed(11)
+    keys = torch.randn(300, 8, generator=g).to(torch.bfloat16).to(torch.float32)
+    ivf = BoundedIVF.build(keys.numpy(), keys[:64].numpy(), 5, torch.bfloat16, 4)
+    monkeypatch.setattr(bounded_ivf, "ASSIGN_BLOCK", 7)
+    assert torch.equal(torch.from_numpy(ivf.decode_all()), keys)
