@@ -119,6 +119,12 @@ def _joint_scores_in_place(
     return joint
 
 
+def _probs(scores: torch.Tensor) -> torch.Tensor:
+    """The attention weights of ``scores`` [..., n]: softmax over the last dim in float32, returned in
+    the scores' dtype (every attention softmax of the library goes through here)."""
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+
+
 def _merged_partials(
     query: torch.Tensor,
     scores: torch.Tensor,
@@ -230,11 +236,11 @@ def memory_attention(
                     joint = torch.cat([scores, mem_scores], dim=-1)
                 else:
                     joint = _joint_scores_in_place(scores, hits, inv_scale, floor)
-                probs = F.softmax(joint, dim=-1, dtype=torch.float32).to(dtype)
+                probs = _probs(joint)
                 del joint
                 out = torch.matmul(probs[..., :n], local_values[:, hs]) + hits.weighted_values(probs[..., n:])
             else:
-                probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+                probs = _probs(scores)
                 out = torch.matmul(probs, local_values[:, hs])
             out_q.append(out)
         out_h.append(out_q[0] if len(out_q) == 1 else torch.cat(out_q, dim=-2))
@@ -380,7 +386,7 @@ def _windows_together(
         mem[i * rows : (i + 1) * rows].copy_(part)
     del raw
     mem.div_(inv_scale).clamp_min_(floor)
-    probs = F.softmax(joint, dim=-1, dtype=torch.float32).to(dtype)
+    probs = _probs(joint)
     del joint, mem
     local = torch.matmul(probs[..., :n], local_values[r])
     weighted = [
