@@ -65,15 +65,25 @@ class Timers:
         # what the "auto" index's searches did: queries, lists and keys scanned, queries capped
         self.scan: dict[str, int] = defaultdict(int)
         self._stack: list[float] = []  # children's time of each open call
-        # only calls on this thread are timed: a call on a worker thread (rebuilds side by side) runs
-        # inside a timed call of this one, which its time is part of
+        # only calls on this thread are timed into the phases: a call on a worker thread (a row's
+        # rebuilds side by side, the heads fanned out over a pool) runs inside a timed call of this one,
+        # which its time is part of. Worker calls are counted apart, with their own inclusive seconds
+        # (running side by side, they may add up to more than the wall time of the call around them)
         self._owner = threading.get_ident()
-        self.lock = threading.Lock()  # the work counts, which worker threads add to as well
+        self.lock = threading.Lock()  # the work counts and worker calls, which worker threads add to
+        self.worker_calls: dict[str, int] = defaultdict(int)
+        self.worker_seconds: dict[str, float] = defaultdict(float)
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
             if threading.get_ident() != self._owner:
-                return fn(*args, **kwargs)
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    with self.lock:
+                        self.worker_seconds[name] += time.perf_counter() - start
+                        self.worker_calls[name] += 1
             self._stack.append(0.0)
             start = time.perf_counter()
             try:
@@ -288,6 +298,11 @@ def run(
         "prefill_seconds": wall,
         "phases": rows,
         "calls": dict(timers.calls),
+        # calls on worker threads, inside the phases above (inclusive seconds, summed over the threads)
+        "worker_threads": {
+            name: {"calls": timers.worker_calls[name], "seconds": timers.worker_seconds[name]}
+            for name in sorted(timers.worker_calls)
+        },
         "scan": dict(timers.scan),
         "decode_tokens": decode,
         "decode_tokens_per_second": decode / decode_seconds if decode else None,
@@ -328,6 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result["decode_tokens_per_second"]:
         print(f"decode: {result['decode_tokens_per_second']:.1f} tokens/s after {result['tokens']} tokens")
     print(f"peak RSS {result['peak_rss_mib']:.0f} MiB; ceilings {result['ceilings']}")
+    if result["worker_threads"]:
+        print(
+            "on worker threads, inside the phases above (seconds summed over the threads): "
+            + ", ".join(
+                f"{n} {w['seconds']:.1f} s ({w['calls']} calls)" for n, w in result["worker_threads"].items()
+            )
+        )
     scan = result["scan"]
     if scan.get("queries"):
         q = scan["queries"]

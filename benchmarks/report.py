@@ -683,6 +683,16 @@ def _phases_section(folder: Path) -> list[str]:
             lines.append(
                 f"| {p['phase']} | {p['seconds']:.1f} | {100 * p['share']:.1f}% | {_f(floor, '.1f')} | {ratio} |"
             )
+        if r.get("worker_threads"):
+            lines += [
+                "",
+                "On worker threads, inside the phases above (their own seconds, summed over the threads): "
+                + ", ".join(
+                    f"`{name}` {w['seconds']:.1f} s ({w['calls']} calls)"
+                    for name, w in r["worker_threads"].items()
+                )
+                + ".",
+            ]
         lines.append("")
     return lines
 

@@ -167,6 +167,29 @@ def test_report_written_from_results(swept):
     assert "/tmp" not in text and str(tmp_path) not in text
 
 
+def test_phase_report_lists_worker_thread_calls(tmp_path):
+    """The phase section of ``benchmarks/README.md`` shows each profile's table and, where a profile has
+    them, the calls that ran on worker threads (not part of the table's sum)."""
+    from benchmarks.report import _phases_section
+
+    profile = {
+        "tokens": 2048, "backend": "faiss:auto:workers=2", "top_k": 8, "threads": 1, "prefill_seconds": 3.0,
+        "decode_tokens_per_second": None, "memory_entries_per_head": 2000, "lists_per_head": 16,
+        "peak_rss_mib": 500.0, "ceilings": {"matmul_fp32_gflops": 100.0, "mem_read_gbs": 10.0},
+        "phases": [
+            {"phase": "model forward", "seconds": 2.0, "share": 2 / 3, "floor_seconds": 1.0},
+            {"phase": "index builds", "seconds": 1.0, "share": 1 / 3, "floor_seconds": None},
+        ],
+    }  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps(profile))
+    (tmp_path / "b.json").write_text(
+        json.dumps({**profile, "worker_threads": {"build": {"calls": 4, "seconds": 1.5}}})
+    )
+    text = "\n".join(_phases_section(tmp_path))
+    assert text.count("| model forward | 2.0 | 66.7% | 1.0 | 2.0 |") == 2
+    assert text.count("On worker threads") == 1 and "`build` 1.5 s (4 calls)" in text
+
+
 def test_results_carry_no_machine_paths():
     argv = ["--out", "/a/b/res", "--sources", "attention,captured:/x/y/cap.pt", "--readme=/q/README.md"]
     assert results_io.portable_argv(argv) == [
@@ -405,3 +428,7 @@ def test_phase_profile_times_rebuilds_side_by_side_once(monkeypatch):
     assert seconds["model forward"] > 0
     builds = next(row for row in result["phases"] if row["phase"] == "index builds")
     assert builds["floor_seconds"] > 0  # the work of the rebuilds on worker threads is counted
+    # the rebuilds on worker threads are listed apart, with their calls and their own seconds
+    apart = result["worker_threads"]["build"]
+    assert apart["calls"] >= 2 and apart["seconds"] > 0
+    assert result["calls"]["build"] >= 1  # the row's rebuilds, timed once on the main thread
