@@ -119,10 +119,12 @@ def _joint_scores_in_place(
     return joint
 
 
-def _probs(scores: torch.Tensor) -> torch.Tensor:
-    """The attention weights of ``scores`` [..., n]: softmax over the last dim in float32, returned in
-    the scores' dtype (every attention softmax of the library goes through here)."""
-    return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+def _probs(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The attention weights of ``scores`` [..., n]: softmax over the last dim in float32, cast to
+    ``dtype`` (the activations'; the scores may be wider where an additive mask was). Every full softmax
+    over [local ; memory] goes through here; a sharded memory's partial states are in
+    :func:`_merged_partials`."""
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
 
 def _merged_partials(
@@ -236,11 +238,11 @@ def memory_attention(
                     joint = torch.cat([scores, mem_scores], dim=-1)
                 else:
                     joint = _joint_scores_in_place(scores, hits, inv_scale, floor)
-                probs = _probs(joint)
+                probs = _probs(joint, dtype)
                 del joint
                 out = torch.matmul(probs[..., :n], local_values[:, hs]) + hits.weighted_values(probs[..., n:])
             else:
-                probs = _probs(scores)
+                probs = _probs(scores, dtype)
                 out = torch.matmul(probs, local_values[:, hs])
             out_q.append(out)
         out_h.append(out_q[0] if len(out_q) == 1 else torch.cat(out_q, dim=-2))
@@ -386,7 +388,7 @@ def _windows_together(
         mem[i * rows : (i + 1) * rows].copy_(part)
     del raw
     mem.div_(inv_scale).clamp_min_(floor)
-    probs = _probs(joint)
+    probs = _probs(joint, dtype)
     del joint, mem
     local = torch.matmul(probs[..., :n], local_values[r])
     weighted = [

@@ -147,3 +147,17 @@ def test_a_memory_of_another_batch_size_is_refused():
     mem = _memory(BACKENDS["faiss-flat"], 1, 10, seed=1)  # B = 1, but each window has 2 rows
     with pytest.raises(ValueError, match=r"each window of query"):
         memory_attention_windows(q, k, v, mask, mem, windows=3)
+
+
+@pytest.mark.parametrize("kind", ["faiss-flat", "exact-dense"])
+def test_a_wider_mask_keeps_the_activations_dtype(kind):
+    """bfloat16 activations with a float32 additive mask: the scores widen to float32, but the weights,
+    and so the output, come back in bfloat16, through both functions (the values' matmul needs that)."""
+    q, k, v, mask, _ = _inputs(2, 1, 0, broadcast_mask=True, padded=False)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    assert mask.dtype == torch.float32
+    mem = _memory(BACKENDS[kind], 1, 16, 0)
+    one = memory_attention(q[:1], k[:1], v[:1], mask, mem)
+    both = memory_attention_windows(q, k, v, mask, _memory(BACKENDS[kind], 1, 16, 0), windows=2)
+    assert one.dtype == both.dtype == torch.bfloat16
+    assert torch.equal(both[:1], one)  # window 0 saw the same memory in both
