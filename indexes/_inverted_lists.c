@@ -4,8 +4,12 @@
  *
  * A store holds `nlist` lists. List l holds its keys as raw codes, `dim` elements of float32,
  * bfloat16 or float16 each (the memory's own dtype: a key decodes to exactly the value it had), and
- * their int32 ids, in the order they were added, in blocks of 16 keys. Capacity grows by a quarter at
- * a time, so a list holds at most ~25% more than it needs (std::vector's doubling held up to 100%).
+ * their int32 ids, in the order they were added, in blocks of 16 keys. A list is a few segments of
+ * whole blocks: a build reserves each list's exact size as one segment, and a full list gets a new
+ * segment of an eighth of its room (at least one block). Segments are cut in turn from large mapped
+ * slabs of the store and never move: a list grows without a copy and without leaving a freed hole
+ * behind (lists that realloc'ed as they grew kept RSS ~15% above their bytes), and a slab's pages are
+ * resident only once keys are written to them.
  *
  * knn_scan() takes, for each query, its lists in the order to scan them and, for each place, the
  * largest upper bound of q.k over the lists not yet scanned there (the caller computes both;
@@ -28,6 +32,7 @@
  * The dot products use AVX-512 (F, BW, VL) or AVX2 + FMA + F16C when the CPU has them, chosen at
  * run time; plain C otherwise. Every path sums in float32. The caller validates every argument.
  */
+#define _DEFAULT_SOURCE /* MAP_ANONYMOUS under -std=c11 */
 #include <float.h>
 #include <math.h>
 #if defined(__GLIBC__) || defined(__linux__)
@@ -36,23 +41,41 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define KNN_MMAP 1
+#endif
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define KNN_X86 1
 #include <immintrin.h>
 #endif
 
-#define KNN_VERSION 13
+#define KNN_VERSION 14
 #define KNN_LANES 16 /* keys per block */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
+/* A segment: whole blocks of one list in one piece of memory (the scan kernels take one at a time):
+ * cap / KNN_LANES blocks of codes (see the header; uint16_t or float elements), then cap int32 ids. */
 typedef struct {
-    int64_t size, cap; /* keys held, keys of room (a multiple of KNN_LANES) */
-    uint16_t *codes;   /* cap / KNN_LANES blocks (see the header); uint16_t or float elements */
-    int32_t *ids;
+    uint8_t *codes;
+    int32_t size, cap; /* keys held, keys of room (a multiple of KNN_LANES) */
+} knn_seg;
+
+/* A list: its segments in insertion order; those before `cur` are full, those after it empty. */
+typedef struct {
+    int64_t size, cap;  /* keys held, keys of room, over all segments */
+    int64_t nseg, room; /* segments, and entries allocated in `segs` */
+    int64_t cur;        /* the segment the next key goes to */
+    knn_seg *segs;
 } knn_list;
+
+typedef struct {
+    void *base;
+    size_t bytes;
+} knn_slab;
 
 typedef struct {
     int64_t nlist, dim, kind;
@@ -60,6 +83,11 @@ typedef struct {
     int64_t rows;        /* rows of a block: ceil(dim / width) */
     int64_t block_bytes; /* KNN_LANES * rows * width * element size */
     knn_list *lists;
+    knn_slab *slabs; /* where segments are cut from, in turn (freed with the store) */
+    int64_t nslab, slab_room;
+    size_t mapped;   /* bytes of all slabs */
+    uint8_t *next;   /* the unused end of the newest slab, and its length */
+    size_t left;
 } knn_store;
 
 /* ------------------------------------------------------------------ instruction set */
@@ -101,6 +129,11 @@ static inline int64_t slot(const knn_store *s, int64_t lane, int64_t i) {
     return ((i / s->width) * KNN_LANES + lane) * s->width + i % s->width;
 }
 
+/* The ids of a segment, after its codes. */
+static inline int32_t *seg_ids(const knn_store *s, const knn_seg *g) {
+    return (int32_t *)(g->codes + (int64_t)g->cap / KNN_LANES * s->block_bytes);
+}
+
 void *knn_store_new(int64_t nlist, int64_t dim, int64_t kind) {
     knn_store *s = (knn_store *)calloc(1, sizeof(knn_store));
     if (!s) return NULL;
@@ -118,44 +151,107 @@ void *knn_store_new(int64_t nlist, int64_t dim, int64_t kind) {
     return s;
 }
 
+#define KNN_SLAB_MIN ((size_t)1 << 20) /* bytes of the smallest slab */
+
+static void *slab_map(size_t bytes) {
+#ifdef KNN_MMAP
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+#else
+    return calloc(1, bytes);
+#endif
+}
+
+static void slab_unmap(void *p, size_t bytes) {
+#ifdef KNN_MMAP
+    munmap(p, bytes);
+#else
+    (void)bytes;
+    free(p);
+#endif
+}
+
 void knn_store_free(void *h) {
     knn_store *s = (knn_store *)h;
     if (!s) return;
-    for (int64_t l = 0; l < s->nlist; l++) {
-        free(s->lists[l].codes);
-        free(s->lists[l].ids);
-    }
+    for (int64_t l = 0; l < s->nlist; l++) free(s->lists[l].segs);
+    for (int64_t i = 0; i < s->nslab; i++) slab_unmap(s->slabs[i].base, s->slabs[i].bytes);
+    free(s->slabs);
     free(s->lists);
     free(s);
 #ifdef __GLIBC__
-    /* a rebuild frees every list of the old index: give the pages back (glibc keeps freed heap memory,
-     * and small lists freed all over the heap would otherwise stay resident) */
+    /* the segment tables of every list were small blocks all over the heap: give their pages back */
     malloc_trim(0);
 #endif
 }
 
-static int set_capacity(const knn_store *s, knn_list *l, int64_t cap) {
-    cap = (cap + KNN_LANES - 1) / KNN_LANES * KNN_LANES;
-    uint16_t *codes = (uint16_t *)realloc(l->codes, (size_t)(cap / KNN_LANES * s->block_bytes));
-    if (!codes) return -1;
-    /* zero the new room: padding elements and lanes past the last key are read by the scan */
-    memset((uint8_t *)codes + l->cap / KNN_LANES * s->block_bytes, 0,
-           (size_t)((cap - l->cap) / KNN_LANES * s->block_bytes));
-    l->codes = codes;
-    int32_t *ids = (int32_t *)realloc(l->ids, (size_t)cap * sizeof(int32_t));
-    if (!ids) return -1;
-    l->ids = ids;
-    l->cap = cap;
+/* Make the newest slab's unused end at least `bytes` long: a new slab of at least that, of an eighth of
+ * what the store has mapped so far, and of KNN_SLAB_MIN (its untouched pages cost no memory). */
+static int slab_ensure(knn_store *s, size_t bytes) {
+    if (bytes <= s->left) return 0;
+    if (s->nslab == s->slab_room) {
+        const int64_t room = s->slab_room ? 2 * s->slab_room : 8;
+        knn_slab *slabs = (knn_slab *)realloc(s->slabs, (size_t)room * sizeof(knn_slab));
+        if (!slabs) return -1;
+        s->slabs = slabs;
+        s->slab_room = room;
+    }
+    size_t size = bytes > KNN_SLAB_MIN ? bytes : KNN_SLAB_MIN;
+    if (size < s->mapped / 8) size = s->mapped / 8;
+    size = (size + 4095) / 4096 * 4096;
+    uint8_t *p = (uint8_t *)slab_map(size);
+    if (!p) return -1;
+    s->slabs[s->nslab].base = p;
+    s->slabs[s->nslab].bytes = size;
+    s->nslab++;
+    s->mapped += size;
+    s->next = p;
+    s->left = size;
     return 0;
 }
 
-/* Room for `extra[l]` more keys in every list l (rounded up to a block; a build knows its sizes). */
+static size_t seg_bytes(const knn_store *s, int64_t keys) {
+    return (size_t)(keys / KNN_LANES * s->block_bytes + keys * (int64_t)sizeof(int32_t));
+}
+
+/* A new segment of room for `keys` more keys (rounded up to whole blocks) at the end of list li, cut
+ * from the newest slab (zero: the scan reads padding elements and lanes past the last key). */
+static int add_segment(knn_store *s, knn_list *li, int64_t keys) {
+    keys = (keys + KNN_LANES - 1) / KNN_LANES * KNN_LANES;
+    if (li->nseg == li->room) {
+        const int64_t room = li->room ? 2 * li->room : 4;
+        knn_seg *segs = (knn_seg *)realloc(li->segs, (size_t)room * sizeof(knn_seg));
+        if (!segs) return -1;
+        li->segs = segs;
+        li->room = room;
+    }
+    const size_t bytes = seg_bytes(s, keys); /* a multiple of 32: every segment stays 32-byte aligned */
+    if (slab_ensure(s, bytes)) return -1;
+    knn_seg *seg = &li->segs[li->nseg++];
+    seg->size = 0;
+    seg->cap = (int32_t)keys;
+    seg->codes = s->next;
+    s->next += bytes;
+    s->left -= bytes;
+    li->cap += keys;
+    return 0;
+}
+
+/* Room for `extra[l]` more keys in every list l, as one segment each, side by side in one slab (a
+ * build knows its sizes: no room left unused but the last block's). */
 int knn_store_reserve(void *h, const int64_t *extra) {
     knn_store *s = (knn_store *)h;
+    size_t total = 0;
+    for (int64_t l = 0; l < s->nlist; l++) {
+        const knn_list *li = &s->lists[l];
+        const int64_t more = li->size + extra[l] - li->cap;
+        if (more > 0) total += seg_bytes(s, (more + KNN_LANES - 1) / KNN_LANES * KNN_LANES);
+    }
+    if (slab_ensure(s, total)) return -1;
     for (int64_t l = 0; l < s->nlist; l++) {
         knn_list *li = &s->lists[l];
-        int64_t need = li->size + extra[l];
-        if (need > li->cap && set_capacity(s, li, need)) return -1;
+        const int64_t more = li->size + extra[l] - li->cap;
+        if (more > 0 && add_segment(s, li, more)) return -1;
     }
     return 0;
 }
@@ -166,10 +262,12 @@ int knn_store_add(void *h, int64_t n, const void *codes, const int64_t *lists, c
     knn_store *s = (knn_store *)h;
     for (int64_t r = 0; r < n; r++) {
         knn_list *li = &s->lists[lists[r]];
-        if (li->size == li->cap && set_capacity(s, li, li->cap + (li->cap / 4 > KNN_LANES ? li->cap / 4 : KNN_LANES)))
+        if (li->size == li->cap && add_segment(s, li, li->cap / 8 > KNN_LANES ? li->cap / 8 : KNN_LANES))
             return -1;
-        int64_t block = li->size / KNN_LANES, lane = li->size % KNN_LANES;
-        uint8_t *dst = (uint8_t *)li->codes + block * s->block_bytes;
+        while (li->segs[li->cur].size == li->segs[li->cur].cap) li->cur++;
+        knn_seg *seg = &li->segs[li->cur];
+        int64_t block = seg->size / KNN_LANES, lane = seg->size % KNN_LANES;
+        uint8_t *dst = seg->codes + block * s->block_bytes;
         /* element i goes to slot(s, lane, i): row i / width, lane, half i % width of the lane's 32 bits
          * (bfloat16) or the lane itself; written row by row, without a division per element */
         if (s->kind == KIND_F32) {
@@ -191,7 +289,8 @@ int knn_store_add(void *h, int64_t n, const void *codes, const int64_t *lists, c
             uint16_t *d16 = (uint16_t *)dst + lane;
             for (int64_t i = 0; i < s->dim; i++) d16[i * KNN_LANES] = src[i];
         }
-        li->ids[li->size] = (int32_t)ids[r];
+        seg_ids(s, seg)[seg->size] = (int32_t)ids[r];
+        seg->size++;
         li->size++;
     }
     return 0;
@@ -226,12 +325,18 @@ void knn_store_capacities(void *h, int64_t *out) {
     for (int64_t l = 0; l < s->nlist; l++) out[l] = s->lists[l].cap;
 }
 
-/* Bytes allocated: every list's capacity of codes and ids, and the list headers. */
+void knn_store_segments(void *h, int64_t *out) {
+    knn_store *s = (knn_store *)h;
+    for (int64_t l = 0; l < s->nlist; l++) out[l] = s->lists[l].nseg;
+}
+
+/* Bytes held: every segment's codes and ids (its whole room), the list headers and their segment
+ * tables. (The slabs' unused ends are address space, not memory: no page of them has been written.) */
 int64_t knn_store_nbytes(void *h) {
     knn_store *s = (knn_store *)h;
     int64_t total = s->nlist * (int64_t)sizeof(knn_list);
     for (int64_t l = 0; l < s->nlist; l++)
-        total += s->lists[l].cap / KNN_LANES * s->block_bytes + s->lists[l].cap * 4;
+        total += (int64_t)seg_bytes(s, s->lists[l].cap) + s->lists[l].room * (int64_t)sizeof(knn_seg);
     return total;
 }
 
@@ -240,36 +345,49 @@ void knn_store_export(void *h, void *codes, int64_t *ids) {
     knn_store *s = (knn_store *)h;
     int64_t at = 0;
     for (int64_t l = 0; l < s->nlist; l++) {
-        knn_list *li = &s->lists[l];
-        for (int64_t j = 0; j < li->size; j++, at++) {
-            const uint8_t *src = (const uint8_t *)li->codes + (j / KNN_LANES) * s->block_bytes;
-            int64_t lane = j % KNN_LANES;
-            if (s->kind == KIND_F32) {
-                for (int64_t i = 0; i < s->dim; i++)
-                    ((float *)codes)[at * s->dim + i] = ((const float *)src)[slot(s, lane, i)];
-            } else {
-                for (int64_t i = 0; i < s->dim; i++)
-                    ((uint16_t *)codes)[at * s->dim + i] = ((const uint16_t *)src)[slot(s, lane, i)];
+        const knn_list *li = &s->lists[l];
+        for (int64_t g = 0; g < li->nseg; g++) {
+            const knn_seg *seg = &li->segs[g];
+            const int32_t *seg_id = seg_ids(s, seg);
+            for (int64_t j = 0; j < seg->size; j++, at++) {
+                const uint8_t *src = (const uint8_t *)seg->codes + (j / KNN_LANES) * s->block_bytes;
+                int64_t lane = j % KNN_LANES;
+                if (s->kind == KIND_F32) {
+                    for (int64_t i = 0; i < s->dim; i++)
+                        ((float *)codes)[at * s->dim + i] = ((const float *)src)[slot(s, lane, i)];
+                } else {
+                    for (int64_t i = 0; i < s->dim; i++)
+                        ((uint16_t *)codes)[at * s->dim + i] = ((const uint16_t *)src)[slot(s, lane, i)];
+                }
+                ids[at] = seg_id[j];
             }
-            ids[at] = li->ids[j];
         }
     }
 }
 
-/* Drop the keys of id >= n (ids rise along every list, so they are each list's tail). */
+/* Drop the keys of id >= n (ids rise along every list, so they are each list's tail; the room stays). */
 void knn_store_truncate(void *h, int64_t n) {
     knn_store *s = (knn_store *)h;
     for (int64_t l = 0; l < s->nlist; l++) {
         knn_list *li = &s->lists[l];
-        int64_t lo = 0, hi = li->size; /* first position whose id is >= n */
-        while (lo < hi) {
-            int64_t mid = lo + (hi - lo) / 2;
-            if (li->ids[mid] < n)
-                lo = mid + 1;
-            else
-                hi = mid;
+        int64_t kept = 0, cur = -1;
+        for (int64_t g = 0; g < li->nseg; g++) {
+            knn_seg *seg = &li->segs[g];
+            const int32_t *seg_id = seg_ids(s, seg);
+            int64_t lo = 0, hi = seg->size; /* first position whose id is >= n */
+            while (lo < hi) {
+                int64_t mid = lo + (hi - lo) / 2;
+                if (seg_id[mid] < n)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            seg->size = (int32_t)lo;
+            kept += lo;
+            if (cur < 0 && lo < seg->cap) cur = g;
         }
-        li->size = lo;
+        li->size = kept;
+        li->cur = cur < 0 ? (li->nseg ? li->nseg - 1 : 0) : cur;
     }
 }
 
@@ -673,6 +791,42 @@ static int k_beat(const knn_topk *t, float b) {
     return count >= t->keep;
 }
 
+/* One segment `seg` of a list for one query (`qp`, zero-padded; reservoir `t`): the keys above the
+ * query's threshold of the moment become its candidates. */
+static void scan_segment(const knn_store *s, knn_scratch *w, knn_topk *t, const float *qp, int isa,
+                         const knn_seg *seg, int64_t *stats) {
+    const int64_t blocks = (seg->size + KNN_LANES - 1) / KNN_LANES;
+    const int32_t *ids = seg_ids(s, seg);
+    for (int64_t b0 = 0; b0 < blocks; b0 += KNN_RUN) {
+        const int64_t nb = blocks - b0 < KNN_RUN ? blocks - b0 : KNN_RUN;
+        const uint8_t *x = seg->codes + b0 * s->block_bytes;
+        if (t->n + nb * KNN_LANES > t->room) topk_trim(t, 0);
+        const int64_t before = t->n;
+#ifdef KNN_X86
+        if (isa == ISA_AVX512)
+            score_avx512(s, qp, x, nb, t->thr, w->buf, w->masks);
+        else if (isa == ISA_AVX2)
+            score_avx2(s, qp, x, nb, t->thr, w->buf, w->masks);
+        else
+#endif
+            score_scalar(s, qp, x, nb, t->thr, w->buf, w->masks);
+        for (int64_t b = 0; b < nb; b++) {
+            uint32_t mask = w->masks[b];
+            const int64_t first = (b0 + b) * KNN_LANES, valid = seg->size - first;
+            if (valid < KNN_LANES) mask &= (1u << valid) - 1u;
+            while (mask) {
+                const int lane = __builtin_ctz(mask);
+                mask &= mask - 1u;
+                t->s[t->n] = w->buf[b * KNN_LANES + lane];
+                t->id[t->n] = ids[first + lane];
+                t->n++;
+            }
+        }
+        stats[3] += t->n - before;
+        topk_settle(t);
+    }
+}
+
 /* One query (`qp`, zero-padded; its reservoir `t` holds what it found so far) from its list `start` on: scan `ranked` [cap] lists with bounds `bound` [cap] as the header says;
  * its top-k, best first, into os / oi [k]. */
 static void scan_query(const knn_store *s, knn_scratch *w, knn_topk *t, const float *qp, int isa, int64_t k,
@@ -686,35 +840,7 @@ static void scan_query(const knn_store *s, knn_scratch *w, knn_topk *t, const fl
         const knn_list *li = &s->lists[ranked[j]];
         stats[0]++;
         stats[1] += li->size;
-        const int64_t blocks = (li->size + KNN_LANES - 1) / KNN_LANES;
-        for (int64_t b0 = 0; b0 < blocks; b0 += KNN_RUN) {
-            const int64_t nb = blocks - b0 < KNN_RUN ? blocks - b0 : KNN_RUN;
-            const uint8_t *x = (const uint8_t *)li->codes + b0 * s->block_bytes;
-            if (t->n + nb * KNN_LANES > t->room) topk_trim(t, 0);
-            const int64_t before = t->n;
-#ifdef KNN_X86
-            if (isa == ISA_AVX512)
-                score_avx512(s, qp, x, nb, t->thr, w->buf, w->masks);
-            else if (isa == ISA_AVX2)
-                score_avx2(s, qp, x, nb, t->thr, w->buf, w->masks);
-            else
-#endif
-                score_scalar(s, qp, x, nb, t->thr, w->buf, w->masks);
-            for (int64_t b = 0; b < nb; b++) {
-                uint32_t mask = w->masks[b];
-                const int64_t first = (b0 + b) * KNN_LANES, valid = li->size - first;
-                if (valid < KNN_LANES) mask &= (1u << valid) - 1u;
-                while (mask) {
-                    const int lane = __builtin_ctz(mask);
-                    mask &= mask - 1u;
-                    t->s[t->n] = w->buf[b * KNN_LANES + lane];
-                    t->id[t->n] = li->ids[first + lane];
-                    t->n++;
-                }
-            }
-            stats[3] += t->n - before;
-            topk_settle(t);
-        }
+        for (int64_t g = 0; g < li->nseg; g++) scan_segment(s, w, t, qp, isa, &li->segs[g], stats);
     }
     topk_compact(t);
     sort_desc(t->s, t->id, t->n);
@@ -813,12 +939,13 @@ KNN_AVX512 void take_above(const int G, const __m512 *sc, float *thr, uint32_t l
 /* Every block of list li for G queries qv [G] (reservoirs t [G]): the lanes above a query's threshold
  * of the moment become its candidates. Scores are stored only for a block where some lane is above.
  * `prefetch`: the list is not yet in cache (the first pass over it) and blocks ahead are fetched. */
-KNN_AVX512 void list_multi(const knn_store *s, const knn_list *li, const float *const *qv, const int G,
+KNN_AVX512 void list_multi(const knn_store *s, const knn_seg *li, const float *const *qv, const int G,
                            const int width, knn_topk *const *t, int prefetch, int64_t *stats) {
     float thr[KNN_GROUP];
 #pragma GCC unroll 8
     for (int g = 0; g < G; g++) thr[g] = t[g]->thr;
-    const uint8_t *codes = (const uint8_t *)li->codes;
+    const uint8_t *codes = li->codes;
+    const int32_t *ids = seg_ids(s, li);
     const int64_t nb = (li->size + KNN_LANES - 1) / KNN_LANES, bb = s->block_bytes;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *block = codes + b * bb;
@@ -828,12 +955,12 @@ KNN_AVX512 void list_multi(const knn_store *s, const knn_list *li, const float *
         block_multi(s, qv, G, width, block, sc);
         const int64_t valid = li->size - b * KNN_LANES;
         const uint32_t lanes = valid < KNN_LANES ? (1u << valid) - 1u : 0xffffu;
-        take_above(G, sc, thr, lanes, li->ids + b * KNN_LANES, t, stats);
+        take_above(G, sc, thr, lanes, ids + b * KNN_LANES, t, stats);
     }
 }
 
 /* list_multi with G (1 .. KNN_GROUP) and the width as constants. */
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void scan_group(const knn_store *s, const knn_list *li,
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void scan_group(const knn_store *s, const knn_seg *li,
                                                                           const float *const *qv, int G,
                                                                           knn_topk *const *t, int prefetch,
                                                                           int64_t *stats) {
@@ -920,12 +1047,13 @@ static void take_lanes_plain(knn_topk *t, const float *sc, const int32_t *ids, u
 }
 
 /* list_multi with AVX2. */
-KNN_AVX2 void list_multi_avx2(const knn_store *s, const knn_list *li, const float *const *qv, const int G,
+KNN_AVX2 void list_multi_avx2(const knn_store *s, const knn_seg *li, const float *const *qv, const int G,
                               const int width, knn_topk *const *t, int prefetch, int64_t *stats) {
     float thr[KNN_GROUP_AVX2];
 #pragma GCC unroll 4
     for (int g = 0; g < G; g++) thr[g] = t[g]->thr;
-    const uint8_t *codes = (const uint8_t *)li->codes;
+    const uint8_t *codes = li->codes;
+    const int32_t *ids = seg_ids(s, li);
     const int64_t nb = (li->size + KNN_LANES - 1) / KNN_LANES, bb = s->block_bytes;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *block = codes + b * bb;
@@ -950,14 +1078,14 @@ KNN_AVX2 void list_multi_avx2(const knn_store *s, const knn_list *li, const floa
             float sc[KNN_LANES];
             _mm256_storeu_ps(sc, lo[g]);
             _mm256_storeu_ps(sc + 8, hi[g]);
-            take_lanes_plain(t[g], sc, li->ids + b * KNN_LANES, masks[g], stats);
+            take_lanes_plain(t[g], sc, ids + b * KNN_LANES, masks[g], stats);
             thr[g] = t[g]->thr;
         }
     }
 }
 
 /* list_multi_avx2 with G (1 .. KNN_GROUP_AVX2) and the width as constants. */
-__attribute__((target("avx2,fma,f16c"))) static void scan_group_avx2(const knn_store *s, const knn_list *li,
+__attribute__((target("avx2,fma,f16c"))) static void scan_group_avx2(const knn_store *s, const knn_seg *li,
                                                                    const float *const *qv, int G,
                                                                    knn_topk *const *t, int prefetch,
                                                                    int64_t *stats) {
@@ -1027,8 +1155,9 @@ static int64_t scan_shared(const knn_store *s, int isa, int64_t m, const float *
         if (first[l + 1] > first[l]) order[start[place[l]]++] = l;
     for (int64_t o = 0; o < at; o++) {
         const knn_list *li = &s->lists[order[o]];
-        if (o + 1 < at) { /* the start of the next list, whose first blocks the prefetch ahead skips */
-            const knn_list *next = &s->lists[order[o + 1]];
+        if (o + 1 < at && s->lists[order[o + 1]].nseg) { /* the start of the next list, whose first blocks
+                                                            the prefetch ahead skips */
+            const knn_seg *next = &s->lists[order[o + 1]].segs[0];
             const int64_t nb = (next->size + KNN_LANES - 1) / KNN_LANES;
             const int64_t bytes = (nb < KNN_PREFETCH ? nb : KNN_PREFETCH) * s->block_bytes;
             for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)next->codes + b, _MM_HINT_T0);
@@ -1045,10 +1174,12 @@ static int64_t scan_shared(const knn_store *s, int isa, int64_t m, const float *
             }
             stats[0] += G;
             stats[1] += G * li->size;
-            if (isa >= ISA_AVX512)
-                scan_group(s, li, qv, (int)G, t, gi == 0, stats);
-            else
-                scan_group_avx2(s, li, qv, (int)G, t, gi == 0, stats);
+            for (int64_t sg = 0; sg < li->nseg && li->segs[sg].size; sg++) {
+                if (isa >= ISA_AVX512)
+                    scan_group(s, &li->segs[sg], qv, (int)G, t, gi == 0, stats);
+                else
+                    scan_group_avx2(s, &li->segs[sg], qv, (int)G, t, gi == 0, stats);
+            }
             g0 += G;
         }
     }
@@ -1133,12 +1264,13 @@ KNN_AVX512 void pair_multi(const knn_store *s, const float *const *qv, const int
 
 /* Every block of a packed tile li for G queries, two blocks at a time (a last odd block is scored as
  * the pair of itself, so a key's score never depends on its place). */
-KNN_AVX512 void tile_multi(const knn_store *s, const knn_list *li, const float *const *qv, const int G,
+KNN_AVX512 void tile_multi(const knn_store *s, const knn_seg *li, const float *const *qv, const int G,
                            const int width, knn_topk *const *t, int64_t *stats) {
     float thr[KNN_GROUP];
 #pragma GCC unroll 8
     for (int g = 0; g < G; g++) thr[g] = t[g]->thr;
-    const uint8_t *codes = (const uint8_t *)li->codes;
+    const uint8_t *codes = li->codes;
+    const int32_t *ids = seg_ids(s, li);
     const int64_t nb = (li->size + KNN_LANES - 1) / KNN_LANES, bb = s->block_bytes;
     for (int64_t b = 0; b < nb; b += 2) {
         const uint8_t *x0 = codes + b * bb, *x1 = b + 1 < nb ? x0 + bb : x0;
@@ -1147,13 +1279,13 @@ KNN_AVX512 void tile_multi(const knn_store *s, const knn_list *li, const float *
         for (int h = 0; h < 2 && b + h < nb; h++) {
             const int64_t valid = li->size - (b + h) * KNN_LANES;
             const uint32_t lanes = valid < KNN_LANES ? (1u << valid) - 1u : 0xffffu;
-            take_above(G, h ? s1 : s0, thr, lanes, li->ids + (b + h) * KNN_LANES, t, stats);
+            take_above(G, h ? s1 : s0, thr, lanes, ids + (b + h) * KNN_LANES, t, stats);
         }
     }
 }
 
 /* tile_multi with G (1 .. KNN_GROUP) and the width as constants. */
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void tile_group(const knn_store *s, const knn_list *li,
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void tile_group(const knn_store *s, const knn_seg *li,
                                                                           const float *const *qv, int G,
                                                                           knn_topk *const *t, int64_t *stats) {
 #define KNN_CALL(n)                                \
@@ -1239,9 +1371,11 @@ int knn_exact(int64_t m, int64_t dim, int64_t kind, const float *q, int64_t nchu
     const int64_t dp = (s.rows * s.width + 31) / 16 * 16, es = elem_size(kind);
     float *qps = (float *)calloc((size_t)(m * dp), sizeof(float));
     knn_topk *tops = (knn_topk *)calloc((size_t)m, sizeof(knn_topk));
-    uint8_t *tile = (uint8_t *)aligned_alloc(64, (size_t)((EXACT_TILE / KNN_LANES) * s.block_bytes));
-    int32_t *ids = (int32_t *)malloc((EXACT_TILE + KNN_LANES) * sizeof(int32_t));
-    int rc = qps && tops && tile && ids ? 0 : -1;
+    /* one segment of EXACT_TILE keys: the packed codes, then their ids */
+    const size_t tile_codes = (size_t)((EXACT_TILE / KNN_LANES) * s.block_bytes);
+    uint8_t *tile = (uint8_t *)aligned_alloc(64, tile_codes + EXACT_TILE * sizeof(int32_t));
+    int32_t *ids = tile ? (int32_t *)(tile + tile_codes) : NULL;
+    int rc = qps && tops && tile ? 0 : -1;
     for (int64_t iq = 0; rc == 0 && iq < m; iq++) {
         memcpy(qps + iq * dp, q + iq * dim, (size_t)dim * sizeof(float));
         rc = topk_new(&tops[iq], k, KNN_LANES);
@@ -1254,7 +1388,7 @@ int knn_exact(int64_t m, int64_t dim, int64_t kind, const float *q, int64_t nchu
             const int64_t nk = count - t0 < EXACT_TILE ? count - t0 : EXACT_TILE;
             pack_tile(&s, bases[c] + t0 * dim * es, nk, tile);
             for (int64_t j = 0; j < nk; j++) ids[j] = (int32_t)(first + t0 + j);
-            const knn_list li = {nk, EXACT_TILE, (uint16_t *)tile, ids};
+            const knn_seg li = {tile, (int32_t)nk, EXACT_TILE};
             for (int64_t gi = 0, g0 = 0; gi < groups; gi++) { /* groups of equal size, as scan_shared */
                 const int64_t G = (m - g0 + (groups - gi) - 1) / (groups - gi);
                 const float *qv[KNN_GROUP];
@@ -1286,7 +1420,6 @@ int knn_exact(int64_t m, int64_t dim, int64_t kind, const float *q, int64_t nchu
     free(tops);
     free(qps);
     free(tile);
-    free(ids);
     return rc;
 #else
     (void)m, (void)dim, (void)kind, (void)q, (void)nchunks, (void)bases, (void)starts, (void)k, (void)out_s,

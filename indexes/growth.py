@@ -24,8 +24,10 @@ The policy (:class:`GrowthPolicy`, every field a keyword of the ``"faiss"`` back
 5. **Keys stored once.** The lists hold the keys themselves in the memory's dtype (bf16 / fp16 codes,
    or float32 for a float32 memory; :mod:`indexes.inverted_lists`), not residuals, so a key decodes to
    exactly the value it had and the scores are exact inner products of the retrieved keys. Rebuilds
-   read the keys back from the lists: no second copy is kept. A list's capacity grows by a quarter, so
-   the lists hold at most ~25% unused room (``nbytes`` counts it).
+   read the keys back from the lists: no second copy is kept. A full list grows by an eighth, so the
+   lists hold at most ~12.5% unused room (``nbytes`` counts it), and the compiled lists grow in
+   segments cut from large mapped slabs: no key is copied as a list grows and no freed hole is left
+   behind, so resident memory follows ``nbytes``.
 6. **Lists ranked by their boxes, scanned until certain.** Lists are ranked per query by the inner
    product their keys' bounding box allows once shrunk about its centre by ``rank_shrink`` (default
    0.25; 1: the box's own bound), not by the centroid: attention queries lie outside the keys'

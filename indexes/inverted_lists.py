@@ -2,9 +2,11 @@
 
 List ``l`` holds the keys assigned to it as raw codes of the memory's dtype (float32, bfloat16 or
 float16: a key decodes to exactly the value it had) with their ids, in insertion order. Ids are
-int32 here (4 bytes per key; a head's memory holds fewer than 2**31 keys). A list's capacity grows by
-a quarter when full, so lists hold at most ~25% unused room; :meth:`InvertedLists.nbytes` counts the
-capacity, not only the keys.
+int32 here (4 bytes per key; a head's memory holds fewer than 2**31 keys). A full list grows by an
+eighth of its room (at least one block of 16 keys), so lists hold at most ~12.5% unused room;
+:meth:`InvertedLists.nbytes` counts the room, not only the keys. The compiled lists never move a key
+once written: a list is a few segments (the exact size reserved at a build, then each growth step), cut
+in turn from large mapped slabs, so growing costs no copy and leaves no freed hole behind.
 
 :meth:`InvertedLists.scan` is the search: each query scans its lists in the order given (ranked by
 :mod:`indexes.bounded_ivf`), keeping its k best inner products. After ``nprobe`` lists it stops as soon
@@ -33,7 +35,10 @@ from indexes import native
 log = logging.getLogger(__name__)
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C file's code kinds
-LANES = 16  # keys per block of the C lists; capacity is whole blocks and grows by max(cap / 4, LANES)
+LANES = 16  # keys per block of the C lists; capacity is whole blocks
+GROWTH = 8  # a full list of room `cap` gets max(cap // GROWTH, LANES) more, rounded up to whole blocks
+LIST_HEADER = 48  # bytes of the C lists' header per list (sizes, segment count and table)
+SEGMENT_HEADER = 16  # bytes of a segment's entry in its list's table (allocated 4, 8, 16, ... at a time)
 MAX_DIM = 4096  # the largest key dimension the lists take (attention heads are far smaller)
 _warned: list[bool] = []
 
@@ -51,6 +56,11 @@ def key_bytes(lists: InvertedLists | ListsShape) -> int:
     even: the C lists pair elements) and its int32 id."""
     width = 2 if lists.dtype == torch.bfloat16 else 1
     return -(-lists.dim // width) * width * lists.dtype.itemsize + 4
+
+
+def segment_table(segments: int) -> int:
+    """Entries the C lists allocate in the table of a list of ``segments`` segments (4, 8, 16, ...)."""
+    return 0 if segments == 0 else max(4, 1 << (segments - 1).bit_length())
 
 
 def _ptr(x: torch.Tensor | np.ndarray) -> int:
@@ -125,8 +135,13 @@ class InvertedLists:
         """Keys each list has room for, [nlist] int64 (>= :meth:`sizes`)."""
         return self._lists.capacities()
 
+    def segments(self) -> torch.Tensor:
+        """Pieces of memory each list is in, [nlist] int64: one per growth step (a reserve is one)."""
+        return self._lists.segments()
+
     def nbytes(self) -> int:
-        """Bytes allocated for the lists: codes and ids of their whole capacity, and list headers."""
+        """Bytes allocated for the lists: codes and ids of their whole capacity, the list headers and
+        their segment tables (:data:`LIST_HEADER`, :data:`SEGMENT_HEADER`)."""
         return self._lists.nbytes()
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,6 +267,11 @@ class _NativeLists:
         self._lib.knn_store_capacities(self._h, _ptr(out))
         return out
 
+    def segments(self) -> torch.Tensor:
+        out = torch.empty(self._shape.nlist, dtype=torch.int64)
+        self._lib.knn_store_segments(self._h, _ptr(out))
+        return out
+
     def nbytes(self) -> int:
         return int(self._lib.knn_store_nbytes(self._h))
 
@@ -294,13 +314,15 @@ class _PythonLists:
         self._codes = [torch.empty(0, owner.dim, dtype=owner.dtype) for _ in range(owner.nlist)]
         self._ids = [torch.empty(0, dtype=torch.int32) for _ in range(owner.nlist)]
         self._size = [0] * owner.nlist
+        self._segments = [0] * owner.nlist  # growth steps of each list (the C lists' segments)
 
     def _grow(self, l: int, need: int, exact: bool) -> None:
         cap = self._ids[l].shape[0]
         if need <= cap:
             return
-        new = need if exact else max(need, cap + max(cap // 4, LANES))
+        new = need if exact else max(need, cap + max(cap // GROWTH, LANES))
         new = -(-new // LANES) * LANES  # whole blocks, as the C lists
+        self._segments[l] += 1
         codes = torch.empty(new, self._shape.dim, dtype=self._shape.dtype)
         ids = torch.empty(new, dtype=torch.int32)
         size = self._size[l]
@@ -340,8 +362,14 @@ class _PythonLists:
     def capacities(self) -> torch.Tensor:
         return torch.tensor([ids.shape[0] for ids in self._ids], dtype=torch.int64)
 
+    def segments(self) -> torch.Tensor:
+        return torch.tensor(self._segments, dtype=torch.int64)
+
     def nbytes(self) -> int:
-        return sum(ids.shape[0] for ids in self._ids) * key_bytes(self._shape) + self._shape.nlist * 32
+        """The bytes the C lists hold for the same keys: room, list headers and segment tables."""
+        tables = sum(segment_table(n) for n in self._segments)
+        room = sum(ids.shape[0] for ids in self._ids) * key_bytes(self._shape)
+        return room + self._shape.nlist * LIST_HEADER + tables * SEGMENT_HEADER
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self._size

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-VERSION = 13  # knn_version() of the C file this module was written for
+VERSION = 14  # knn_version() of the C file this module was written for
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ _SIGNATURES = {
     "knn_store_add_boxed": (ctypes.c_int, [_P, _I, _P, _P, _P, _P, _P, _P]),
     "knn_store_sizes": (None, [_P, _P]),
     "knn_store_capacities": (None, [_P, _P]),
+    "knn_store_segments": (None, [_P, _P]),
     "knn_store_nbytes": (_I, [_P]),
     "knn_store_export": (None, [_P, _P, _P]),
     "knn_store_truncate": (None, [_P, _I]),

@@ -12,6 +12,7 @@ import torch
 import knn_memory
 from indexes import GrowthPolicy, StreamingIndex
 from indexes.bounded_ivf import BoundedIVF
+from indexes.inverted_lists import segment_table
 
 D = 8
 
@@ -220,7 +221,9 @@ def held_bytes(mem) -> int:
             if isinstance(index, BoundedIVF):
                 room = int(index.lists.capacities().sum())  # keys the lists have room for
                 assert room >= index.ntotal
-                total += room * (D * 2 + 4) + index.nlist * 32  # bf16 codes + int32 ids, list headers
+                # bf16 codes + int32 ids, list headers and their tables of segments
+                tables = sum(segment_table(int(n)) for n in index.lists.segments())
+                total += room * (D * 2 + 4) + index.nlist * 48 + tables * 16
                 # centroids (transposed) and their half norms, padded to whole blocks of 16 lists
                 padded = -(-index.nlist // 16) * 16
                 assert index._quantizer._ct.shape == (D, padded) and index._quantizer._hn.shape == (padded,)
@@ -249,11 +252,14 @@ def test_nbytes_counts_the_arrays_held_and_is_near_dense(index):
     else:
         lists = sum(mem.head_index(b, h).nlist for b in range(2) for h in range(2))
         padded = sum(-(-mem.head_index(b, h).nlist // 16) * 16 for b in range(2) for h in range(2))
-        fixed = values + lists * (2 * D * 4 + 8 + 32) + padded * (D + 1) * 4
+        fixed = values + lists * (2 * D * 4 + 8 + 48) + padded * (D + 1) * 4
         per_key = D * 2 + 4
-        # at least every key; unused room at most a quarter of the keys plus under two blocks per list
+        # at least every key; unused room at most an eighth of the keys plus under two blocks per list,
+        # and a table of 4 segments per list (one reserved at the build, one per growth step since)
+        segments = [mem.head_index(b, h)._index.lists.segments() for b in range(2) for h in range(2)]
+        assert max(int(x.max()) for x in segments) <= 4
         assert fixed + 2 * 2 * 1280 * per_key <= mem.nbytes
-        assert mem.nbytes <= fixed + (2 * 2 * 1280 * 1.25 + lists * 31) * per_key
+        assert mem.nbytes <= fixed + (2 * 2 * 1280 * 1.125 + lists * 31) * per_key + lists * 4 * 16
     if index == "Flat":
         assert mem.nbytes <= dense.nbytes
 

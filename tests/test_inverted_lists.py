@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from indexes import native
 from indexes.bounded_ivf import BoundedIVF, shrunk_queries, split_queries
-from indexes.inverted_lists import InvertedLists, key_bytes, remaining_bounds
+from indexes.inverted_lists import InvertedLists, key_bytes, remaining_bounds, segment_table
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ENGINES = ["python"] + ([f"native-{isa}" for isa in native.isas()])
@@ -191,30 +191,46 @@ def test_export_gives_the_keys_back_bit_for_bit_and_truncate_keeps_the_first(eng
 @settings(max_examples=25, deadline=None)
 @given(
     adds=st.lists(st.integers(1, 90), min_size=1, max_size=8),
+    reserved=st.integers(0, 40),
     cut=st.floats(0, 1),
+    after=st.lists(st.integers(1, 90), max_size=3),
     dim=st.sampled_from([3, 16, 33]),
     dtype=st.sampled_from(DTYPES),
 )
-def test_compiled_and_python_lists_hold_and_find_the_same(adds, cut, dim, dtype):
-    """Any sequence of adds and a truncation: same sizes, room, bytes, exported keys and scan results."""
+def test_compiled_and_python_lists_hold_and_find_the_same(adds, reserved, cut, after, dim, dtype):
+    """A reserve, any sequence of adds, a truncation and more adds (into the room the truncation left):
+    same sizes, room, segments, bytes, exported keys and scan results."""
     if not native.available():
         pytest.skip("compiled lists not built")
     g = torch.Generator().manual_seed(sum(adds))
     a = InvertedLists(5, dim, dtype, native=True)
     b = InvertedLists(5, dim, dtype, native=False)
+    extra = torch.tensor([reserved, 0, reserved // 2, 1, 0])
+    for lists in (a, b):
+        lists.reserve(extra)
     n = 0
-    for count in adds:
+
+    def add(count):
         x = torch.randn(count, dim, generator=g).to(dtype)
         owner = torch.randint(0, 5, (count,), generator=g)
         for lists in (a, b):
             lists.add(x, owner, torch.arange(n, n + count))
-        n += count
+        return n + count
+
+    for count in adds:
+        n = add(count)
+    n = int(cut * n)
     for lists in (a, b):
-        lists.truncate(int(cut * n))
+        lists.truncate(n)
+    for count in after:
+        n = add(count)
     assert torch.equal(a.sizes(), b.sizes()) and torch.equal(a.capacities(), b.capacities())
-    assert a.nbytes() == b.nbytes() == int(a.capacities().sum()) * key_bytes(a) + 5 * 32
+    assert torch.equal(a.segments(), b.segments())
+    tables = sum(segment_table(int(c)) for c in a.segments())
+    assert a.nbytes() == b.nbytes() == int(a.capacities().sum()) * key_bytes(a) + 5 * 48 + tables * 16
     (ca, ia), (cb, ib) = a.export(), b.export()
     assert torch.equal(ia, ib) and torch.equal(ca.view(torch.uint8), cb.view(torch.uint8))
+    assert torch.equal(torch.sort(ia).values, torch.arange(n))  # every key kept once, none lost
     q = torch.randn(4, dim, generator=g)
     ranked = torch.stack([torch.randperm(5, generator=g) for _ in range(4)])
     bounds = torch.sort(torch.randn(4, 5, generator=g) * 3, dim=1, descending=True).values
@@ -291,18 +307,25 @@ def test_lists_are_freed_as_soon_as_they_are_dropped(native_lists):
         gc.enable()
 
 
-def test_growth_leaves_at_most_a_quarter_unused():
-    lists = InvertedLists(3, 32, torch.bfloat16)
+@pytest.mark.parametrize("native_lists", [True, False] if native.available() else [False])
+def test_growth_leaves_at_most_an_eighth_unused(native_lists):
+    lists = InvertedLists(3, 32, torch.bfloat16, native=native_lists)
     lists.reserve(torch.tensor([100, 0, 7]))
     assert lists.capacities().tolist() == [112, 0, 16]  # exact, in whole blocks of 16 keys
-    lists = InvertedLists(3, 32, torch.bfloat16)
-    for i in range(2000):
+    assert lists.segments().tolist() == [1, 0, 1]
+    lists = InvertedLists(3, 32, torch.bfloat16, native=native_lists)
+    steps = 0
+    for i in range(3000):
+        before = lists.capacities()
         lists.add(torch.randn(1, 32).bfloat16(), torch.tensor([i % 3]), torch.tensor([i]))
         room, size = lists.capacities(), lists.sizes()
         assert bool((room >= size).all()) and bool(
-            (room <= torch.clamp_min(size * 5 // 4, size + 16) + 16).all()
+            (room <= torch.clamp_min(size * 9 // 8, size + 16) + 16).all()
         )
-    assert lists.nbytes() == int(lists.capacities().sum()) * (32 * 2 + 4) + 3 * 32
+        steps += int((room != before).sum())
+    assert int(lists.segments().sum()) == steps  # one segment per growth step, none moved or merged
+    tables = sum(segment_table(int(c)) for c in lists.segments())
+    assert lists.nbytes() == int(lists.capacities().sum()) * (32 * 2 + 4) + 3 * 48 + tables * 16
 
 
 # ---------------------------------------------------------------------- the index over the lists
