@@ -20,7 +20,9 @@ time:
 
 The floor of each phase is its work divided by the machine's ceiling measured in the same run (with the
 same thread count): FLOP over the fp32 matmul rate for the model, the search and the builds, bytes over
-the memory read bandwidth for the gather and the add. Dispatch has no work of its own: its floor is 0.
+the memory read bandwidth for the gather, and for the add its bytes over the bandwidth plus the FLOP of
+assigning each new key to its list (a product with every centroid) over the matmul rate. Dispatch has no
+work of its own: its floor is 0.
 """
 
 from __future__ import annotations
@@ -134,6 +136,12 @@ def instrumented(timers: Timers, head_dim: int):
         n = keys.shape[0] * keys.shape[1] * keys.shape[2]
         return n * (2 * d * self.mem_dtype.itemsize + 4)
 
+    def assign_work(self, x):  # FLOP of assigning keys x [n, d] to the nearest of the lists' centroids
+        return 2.0 * d * self.nlist * x.shape[0]
+
+    def assign_many_work(table, keys, codes, parts):  # the same for a row's heads at once ([I, 7] table)
+        return 2.0 * d * float(table[:, 3].sum()) * keys.shape[1]
+
     def build_work(self, threads=1):  # k-means over the sample + assigning every key: FLOP
         if self.policy is None:
             return 0.0
@@ -182,8 +190,8 @@ def instrumented(timers: Timers, head_dim: int):
 
     patches.append((BoundedIVF, "searched", counted_search))
     BoundedIVF.searched = searched_counting
-    patch(BoundedIVF, "add", "index.bounded_add")
-    patch(batched, "_compiled_add", "index.bounded_add")
+    patch(BoundedIVF, "add", "index.bounded_add", assign_work)
+    patch(batched, "_compiled_add", "index.bounded_add", assign_many_work)
     patch(StreamingIndex, "added_to", "index.add")
     patch(RetrievedValues, "gather", "gather", gather_work)
     patch(RetrievedValues, "weighted", "gather", weighted_work)
@@ -221,7 +229,7 @@ def phase_table(
         (
             "key add",
             ex["backend.add"] + ex["index.add"] + ex["index.bounded_add"],
-            work["backend.add"] / bandwidth,
+            work["backend.add"] / bandwidth + work["index.bounded_add"] / flop_rate,
         ),
         ("index builds", ex["build"], work["build"] / flop_rate),
         ("dispatch and Python overhead", ex["backend.search"], 0.0),
@@ -277,14 +285,16 @@ def run(
         start = time.perf_counter()
         out = model(ids, use_cache=True, logits_to_keep=1)
         wall = time.perf_counter() - start
-        prefill = dict(timers.exclusive), dict(timers.inclusive)
+        prefill = dict(timers.exclusive), dict(timers.inclusive), dict(timers.work)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         t0 = time.perf_counter()
         for _ in range(decode):
             out = model(token, cache=out.cache, use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         decode_seconds = time.perf_counter() - t0
+    # the phases are the prefill's: its times and its work (the decode's searches and adds left out)
     timers.exclusive, timers.inclusive = defaultdict(float, prefill[0]), defaultdict(float, prefill[1])
+    timers.work = defaultdict(float, prefill[2])
     tokens = ids.shape[1]
     rows = phase_table(timers, wall, flop_rate, bandwidth, model_flop_per_token(config) * tokens)
     memory = out.cache.memory(config.mem_layers[0])
@@ -298,6 +308,7 @@ def run(
         "prefill_seconds": wall,
         "phases": rows,
         "calls": dict(timers.calls),
+        "work": dict(timers.work),  # what each floor is computed from: FLOP, or bytes for gather and add
         # calls on worker threads, inside the phases above (inclusive seconds, summed over the threads)
         "worker_threads": {
             name: {"calls": timers.worker_calls[name], "seconds": timers.worker_seconds[name]}

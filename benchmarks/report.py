@@ -659,7 +659,9 @@ def _phases_section(folder: Path) -> list[str]:
         "library's own functions (nested calls subtracted, so the phases add up to the wall time). The "
         "floor of a phase is its work over this machine's ceiling measured in the same run with the same "
         "threads: FLOP over the fp32 matmul rate (model, search, builds), bytes over the memory read rate "
-        "(gather, add). *x floor* is how far the phase is from it.",
+        "(gather, add). *x floor* is how far the phase is from it. The key add also assigns each key to "
+        "its list (a product with every centroid): profiles that record their `work` count that FLOP in "
+        "the add's floor; earlier ones count its bytes only, which overstates its distance from the floor.",
         "",
     ]
     for path in runs:

@@ -403,6 +403,11 @@ def test_phase_profile_accounts_for_every_search_path(monkeypatch, one_call_per_
     assert result["calls"]["search.scan"] > 0 and result["calls"]["index.bounded_add"] > 0
     assert result["scan"]["queries"] > 0 and result["scan"]["keys_scanned"] > 0
     assert result["lists_per_head"] > 0
+    # the add's floor: its bytes at the bandwidth, and assigning each key to a list at the matmul rate
+    work = result["work"]
+    assert work["index.bounded_add"] >= 2 * 32 * 16 * 2 * 4 * 256  # >= 256 keys, 16 lists, 8 heads
+    floor = {row["phase"]: row["floor_seconds"] for row in result["phases"]}["key add"]
+    assert floor == pytest.approx(work["backend.add"] / 10e9 + work["index.bounded_add"] / 100e9)
 
 
 def test_phase_profile_times_rebuilds_side_by_side_once(monkeypatch):
