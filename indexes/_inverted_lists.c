@@ -185,17 +185,21 @@ void knn_store_free(void *h) {
 #endif
 }
 
+/* Double the entries allocated in a table (`first` for the first): *room, and *table moved if needed. */
+static int table_grow(void **table, int64_t *room, int64_t first, size_t entry) {
+    const int64_t more = *room ? 2 * *room : first;
+    void *p = realloc(*table, (size_t)more * entry);
+    if (!p) return -1;
+    *table = p;
+    *room = more;
+    return 0;
+}
+
 /* Make the newest slab's unused end at least `bytes` long: a new slab of at least that, of an eighth of
  * what the store has mapped so far, and of KNN_SLAB_MIN (its untouched pages cost no memory). */
 static int slab_ensure(knn_store *s, size_t bytes) {
     if (bytes <= s->left) return 0;
-    if (s->nslab == s->slab_room) {
-        const int64_t room = s->slab_room ? 2 * s->slab_room : 8;
-        knn_slab *slabs = (knn_slab *)realloc(s->slabs, (size_t)room * sizeof(knn_slab));
-        if (!slabs) return -1;
-        s->slabs = slabs;
-        s->slab_room = room;
-    }
+    if (s->nslab == s->slab_room && table_grow((void **)&s->slabs, &s->slab_room, 8, sizeof(knn_slab))) return -1;
     size_t size = bytes > KNN_SLAB_MIN ? bytes : KNN_SLAB_MIN;
     if (size < s->mapped / 8) size = s->mapped / 8;
     size = (size + 4095) / 4096 * 4096;
@@ -218,13 +222,7 @@ static size_t seg_bytes(const knn_store *s, int64_t keys) {
  * from the newest slab (zero: the scan reads padding elements and lanes past the last key). */
 static int add_segment(knn_store *s, knn_list *li, int64_t keys) {
     keys = (keys + KNN_LANES - 1) / KNN_LANES * KNN_LANES;
-    if (li->nseg == li->room) {
-        const int64_t room = li->room ? 2 * li->room : 4;
-        knn_seg *segs = (knn_seg *)realloc(li->segs, (size_t)room * sizeof(knn_seg));
-        if (!segs) return -1;
-        li->segs = segs;
-        li->room = room;
-    }
+    if (li->nseg == li->room && table_grow((void **)&li->segs, &li->room, 4, sizeof(knn_seg))) return -1;
     const size_t bytes = seg_bytes(s, keys); /* a multiple of 32: every segment stays 32-byte aligned */
     if (slab_ensure(s, bytes)) return -1;
     knn_seg *seg = &li->segs[li->nseg++];
