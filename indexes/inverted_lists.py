@@ -6,7 +6,9 @@ int32 here (4 bytes per key; a head's memory holds fewer than 2**31 keys). A ful
 eighth of its room (at least one block of 16 keys), so lists hold at most ~12.5% unused room;
 :meth:`InvertedLists.nbytes` counts the room, not only the keys. The compiled lists never move a key
 once written: a list is a few segments (the exact size reserved at a build, then each growth step), cut
-in turn from large mapped slabs, so growing costs no copy and leaves no freed hole behind.
+in turn from large mapped slabs, so growing costs no copy and leaves no freed hole behind. Slabs of
+2 MiB and more ask the kernel for transparent huge pages (``madvise``): adds write to the ends of
+thousands of lists and a scan reads a few KiB of each, which with 4 KiB pages is mostly TLB misses.
 
 :meth:`InvertedLists.scan` is the search: each query scans its lists in the order given (ranked by
 :mod:`indexes.bounded_ivf`), keeping its k best inner products. After ``nprobe`` lists it stops as soon
