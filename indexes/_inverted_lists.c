@@ -212,8 +212,8 @@ static int slab_ensure(knn_store *s, size_t bytes) {
     if (s->nslab == s->slab_room && table_grow((void **)&s->slabs, &s->slab_room, 8, sizeof(knn_slab))) return -1;
     size_t size = bytes > KNN_SLAB_MIN ? bytes : KNN_SLAB_MIN;
     if (size < s->mapped / 8) size = s->mapped / 8;
-    const size_t unit = size >= KNN_HUGE_PAGE ? KNN_HUGE_PAGE : 4096; /* whole huge pages: the kernel
-                                                                         aligns such a mapping to them */
+    const size_t unit = size >= KNN_HUGE_PAGE ? KNN_HUGE_PAGE : 4096; /* whole huge pages: recent kernels
+                                                                         align such a mapping to them */
     size = (size + unit - 1) / unit * unit;
     uint8_t *p = (uint8_t *)slab_map(size);
     if (!p) return -1;
